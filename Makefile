@@ -1,0 +1,38 @@
+# Every target sets up what it needs: a fresh clone with Python 3.11 runs `make plan STACK=dev` or `make test`.
+PYTHON ?= python3.11
+VENV := .venv
+PY := $(VENV)/bin/python
+STACK ?= dev
+
+.PHONY: help venv plan plan-all test bench config-doc clean
+
+help:
+	@echo "make plan STACK=<name>   offline plan of stacks/Pulumi.<name>.yaml into build/<name>/"
+	@echo "make plan-all            offline plan of every stack file"
+	@echo "make test                unit, mock, schema and moto tests (what CI runs)"
+	@echo "make config-doc          print the README's configuration table from infra/config.py"
+
+$(VENV)/.installed: requirements.txt requirements-dev.txt
+	@command -v $(PYTHON) >/dev/null || { echo "need $(PYTHON) (set PYTHON=...)"; exit 1; }
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -r requirements-dev.txt
+	touch $@
+
+venv: $(VENV)/.installed
+
+plan: venv
+	$(PY) -m tools.synth $(STACK)
+
+plan-all: venv
+	@for stack in $$(ls stacks | sed -n 's/^Pulumi\.\(.*\)\.yaml$$/\1/p'); do \
+		$(PY) -m tools.synth $$stack || exit 1; done
+
+test: venv
+	$(PY) -m pytest
+
+config-doc: venv
+	$(PY) -m tools.configdoc
+
+clean:
+	rm -rf build .pytest_cache

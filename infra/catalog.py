@@ -1,0 +1,123 @@
+"""The one table of EC2 instance facts that the stacks size node groups against.
+
+Pure Python with no Pulumi import, so that tests and tools can use it without an engine.
+
+Hardware facts are copied from EC2 DescribeInstanceTypes, as shipped in moto's
+`moto/ec2/resources/instance_types.json.gz`. tests/test_catalog.py checks every field
+against that file, so a typo or a stale value fails CI instead of mis-sizing a node group.
+Sizes are the API's numbers, not the marketing ones: for example, p5 disks are 3800 GB
+in the API while the product page says 3.84 TB.
+
+EFA interface counts from the API: p4d/p4de 4, p5/p5e 32, p5en 16. AWS's EFA guide also documents the 32-interface layout for P5
+and P5e (https://docs.aws.amazon.com/AWSEC2/latest/UserGuide/efa-acc-inst-types.html).
+Some public blueprints hard-code 16 for p5e; the API says 32.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from types import MappingProxyType
+from typing import Mapping
+
+PRICE_REGION = "us-east-1"
+
+# This is the date the us-east-1 Linux On-Demand prices were read. The figures come from the
+# AWS Price List, as recorded on 2026-11-09 in
+# https://raw.githubusercontent.com/datareceipts/data-receipts/main/109-gpu-pricing/hyperscalers.json
+# (p4d, p4de, p5). Other sources are noted on each row.
+# The prices already include the June 2025 cut (AWS News Blog, 2025-06-05, effective 2025-06-01:
+# https://aws.amazon.com/blogs/aws/announcing-up-to-45-price-reduction-for-amazon-ec2-nvidia-gpu-accelerated-instances/).
+# Before the cut they were p4d 32.7726, p4de 40.9657 and p5 98.32. Those numbers are stale: do not reuse them.
+PRICE_DATE = "2026-11-09"
+
+# This is the default CPU type for the system (add-ons) node group. With 8 vCPUs and 32 GiB it
+# runs CoreDNS, the device plugins, the operators and monitoring without crowding them out.
+SYSTEM_INSTANCE_TYPE = "m7i.2xlarge"
+
+
+class UnknownInstanceType(ValueError):
+    """Raised when an instance type is not in the catalog. A stack config typo fails here, at preview."""
+
+
+@dataclass(frozen=True)
+class InstanceType:
+    name: str
+    vcpus: int
+    memory_gib: int  # host memory
+    gpus: int  # 0 for CPU types
+    gpu_model: str | None  # "A100", "H100" or "H200", as the API names it
+    gpu_memory_gib: int  # per GPU, as the API reports it (0 for CPU)
+    gpu_arch: str | None  # "ampere" | "hopper"
+    network_cards: int  # MaximumNetworkCards
+    efa_interfaces: int  # MaximumEfaInterfaces (0 = no EFA)
+    nvme_disks: int  # instance-store disk count
+    nvme_disk_gb: int  # size of each disk, in GB as the API reports it
+    on_demand_usd_per_hour: float  # Linux, PRICE_REGION, as of PRICE_DATE
+
+    @property
+    def is_gpu(self) -> bool:
+        return self.gpus > 0
+
+    @property
+    def fp8(self) -> bool:
+        # FP8 Tensor Cores (Transformer Engine) start with Hopper. Ampere has none.
+        return self.gpu_arch == "hopper"
+
+    @property
+    def efa(self) -> bool:
+        return self.efa_interfaces > 0
+
+    @property
+    def nvme_total_gb(self) -> int:
+        return self.nvme_disks * self.nvme_disk_gb
+
+
+def _gpu(name, vcpus, memory_gib, gpu_model, gpu_memory_gib, gpu_arch, network_cards,
+         efa_interfaces, nvme_disk_gb, price):
+    # Every GPU type here has 8 GPUs and 8 NVMe disks, so those two are fixed here.
+    return InstanceType(name, vcpus, memory_gib, 8, gpu_model, gpu_memory_gib, gpu_arch,
+                        network_cards, efa_interfaces, 8, nvme_disk_gb, price)
+
+
+def _cpu(name, vcpus, memory_gib, price):
+    # m7i is EBS-only with a single network card: no GPU, no EFA, no instance store.
+    return InstanceType(name, vcpus, memory_gib, 0, None, 0, None, 1, 0, 0, 0, price)
+
+
+_ALL = (
+    _gpu("p4d.24xlarge", 96, 1152, "A100", 40, "ampere", 4, 4, 1000, 21.957642),
+    _gpu("p4de.24xlarge", 96, 1152, "A100", 80, "ampere", 4, 4, 1000, 27.44705),
+    _gpu("p5.48xlarge", 192, 2048, "H100", 80, "hopper", 32, 32, 3800, 55.04),
+    # p5e price: we could not confirm a Linux On-Demand price for p5e. AWS sells it through Capacity Blocks,
+    # and its Price List entries are CapacityBlock terms only (skypilot-org/skypilot#4657).
+    # moto's DescribeInstanceTypeOfferings snapshot does not offer p5e in us-east-1 at all
+    # (only us-east-2, us-west-2, eu-north-1, eu-west-2, ap-southeast-2/3, sa-east-1).
+    # The figure below is the Capacity Block effective hourly rate after the January 2026 increase
+    # of about 15% ($34.61 -> $39.80, "most regions"). Source: ITPro, "AWS Amazon EC2 Capacity Blocks price increase",
+    # https://www.itpro.com/cloud/cloud-computing/aws-amazon-ec2-capacity-blocks-price-increase
+    # It is what a p5e hour actually costs, but it is not an On-Demand price, and AWS reprices
+    # Capacity Blocks every quarter. Treat this number as an estimate.
+    _gpu("p5e.48xlarge", 192, 2048, "H200", 141, "hopper", 32, 32, 3800, 39.80),
+    # p5en price: us-east-1 On-Demand from the AWS Price List, as shown by `dstack offer`
+    # on 2026-08-06 (dstackai/dstack#4110). This is the post-cut figure: the June 2025 cut took up to 26% off P5en.
+    _gpu("p5en.48xlarge", 192, 2048, "H200", 141, "hopper", 16, 16, 3800, 63.296),
+    # m7i: us-east-1 Price List figures. m7i.large costs $0.1008 and the price scales linearly with size.
+    # Several public price tables agree on these numbers. The 2025 cut applied only to GPU types.
+    _cpu("m7i.xlarge", 4, 16, 0.2016),
+    _cpu("m7i.2xlarge", 8, 32, 0.4032),
+    _cpu("m7i.4xlarge", 16, 64, 0.8064),
+)
+
+INSTANCE_TYPES: Mapping[str, InstanceType] = MappingProxyType({t.name: t for t in _ALL})
+GPU_INSTANCE_TYPES: tuple[str, ...] = tuple(n for n, t in INSTANCE_TYPES.items() if t.is_gpu)
+SYSTEM_INSTANCE_TYPES: tuple[str, ...] = tuple(n for n, t in INSTANCE_TYPES.items() if not t.is_gpu)
+
+
+def get(name: str) -> InstanceType:
+    """Return the facts for `name`. Raise UnknownInstanceType (a ValueError) if `name` is not in the catalog."""
+    try:
+        return INSTANCE_TYPES[name]
+    except (KeyError, TypeError):  # TypeError: unhashable input, e.g. a list from YAML config
+        raise UnknownInstanceType(
+            f"unknown instance type {name!r}; allowed: {', '.join(INSTANCE_TYPES)}"
+        ) from None

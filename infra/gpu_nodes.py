@@ -1,0 +1,189 @@
+"""GPU node groups on EFA, declared with pulumi-aws so that every detail shows in ``pulumi preview``.
+
+pulumi-eks's ManagedNodeGroup builds the EFA launch template inside its plugin (invisible to previews, tests
+and policies) and cannot combine EFA with a capacity reservation or a Capacity Block, so we build it here.
+"""
+
+from __future__ import annotations
+
+import base64
+from dataclasses import dataclass
+from typing import Any, Mapping, Sequence
+
+import pulumi
+import pulumi_aws as aws
+
+from infra.catalog import InstanceType
+from infra.config import GpuNodeGroupConfig
+
+NODE_GROUP_LABEL = "nemo-eks/node-group"
+NODE_ROLE_LABEL = "nemo-eks/node-role"
+GPU_PRESENT_LABEL = "nvidia.com/gpu.present"  # also what the NVIDIA device plugin chart's default affinity selects
+EFA_PRESENT_LABEL = "vpc.amazonaws.com/efa.present"  # what the EFA device plugin is scheduled on
+
+# The taints every GPU node carries, in EKS API spelling, with the Kubernetes effect pods must tolerate.
+# nvidia.com/gpu keeps everything that does not ask for GPUs off the most expensive nodes; the FSx taint keeps
+# pods off a new node until the FSx CSI node agent is ready to mount Lustre (the agent removes it).
+GPU_TAINTS: tuple[tuple[str, str | None, str], ...] = (
+    ("nvidia.com/gpu", "true", "NO_SCHEDULE"),
+    ("fsx.csi.aws.com/agent-not-ready", None, "NO_EXECUTE"),
+)
+_K8S_EFFECT = {"NO_SCHEDULE": "NoSchedule", "NO_EXECUTE": "NoExecute", "PREFER_NO_SCHEDULE": "PreferNoSchedule"}
+
+EKS_GPU_AMI_TYPE = "AL2023_x86_64_NVIDIA"  # driver, container toolkit, fabric manager and EFA come with the AMI
+ROOT_DEVICE_NAME = "/dev/xvda"  # AL2023 EKS AMIs
+
+
+def gpu_tolerations() -> list[dict[str, str]]:
+    """Kubernetes tolerations matching GPU_TAINTS, for every pod that must run on GPU nodes."""
+    return [{"key": key, "operator": "Exists", "effect": _K8S_EFFECT[effect]} for key, _, effect in GPU_TAINTS]
+
+
+def node_labels(group: GpuNodeGroupConfig) -> dict[str, str]:
+    labels = {NODE_ROLE_LABEL: "gpu", NODE_GROUP_LABEL: group.name, GPU_PRESENT_LABEL: "true"}
+    if group.instance.efa:
+        labels[EFA_PRESENT_LABEL] = "true"
+    return labels
+
+
+def efa_network_interfaces(instance: InstanceType, security_group_ids: Sequence[pulumi.Input[str]]) -> list[dict[str, Any]]:
+    """One EFA interface per network card. Card 0 is the primary (``efa``: EFA plus an IP address); every other
+    card gets device index 1 and ``efa-only``, which takes no VPC address, so a p5's 32 interfaces do not
+    exhaust the subnet (efa-only needs VPC CNI >= 1.18.4). Security groups go on each interface because a
+    launch template with interfaces may not set them at the top level."""
+    interfaces = []
+    for card in range(instance.network_cards):
+        interfaces.append({
+            "network_card_index": card,
+            "device_index": 0 if card == 0 else 1,
+            "interface_type": "efa" if card == 0 else "efa-only",
+            "delete_on_termination": "true",
+            "security_groups": list(security_group_ids),
+        })
+    return interfaces
+
+
+NODEADM_RAID0 = """apiVersion: node.eks.aws/v1alpha1
+kind: NodeConfig
+spec:
+  instance:
+    localStorage:
+      strategy: RAID0
+"""
+
+
+def nodeadm_user_data() -> str:
+    """MIME user data that EKS merges with its own: nodeadm stripes the instance-store NVMe into one RAID0
+    and puts containerd and kubelet state on it (tens of GB of NGC images, fast local scratch)."""
+    return "\n".join([
+        "MIME-Version: 1.0",
+        'Content-Type: multipart/mixed; boundary="//"',
+        "",
+        "--//",
+        "Content-Type: application/node.eks.aws",
+        "",
+        NODEADM_RAID0,
+        "--//--",
+        "",
+    ])
+
+
+def launch_template_market_args(group: GpuNodeGroupConfig) -> dict[str, Any]:
+    """Launch-template arguments that aim the group at reserved capacity, if any."""
+    args: dict[str, Any] = {}
+    if group.capacity_reservation_id:
+        args["capacity_reservation_specification"] = {
+            "capacity_reservation_target": {"capacity_reservation_id": group.capacity_reservation_id}}
+    if group.capacity_type == "CAPACITY_BLOCK":
+        args["instance_market_options"] = {"market_type": "capacity-block"}
+    return args
+
+
+@dataclass(frozen=True)
+class GpuNodeGroupArgs:
+    config: GpuNodeGroupConfig
+    prefix: str
+    cluster_name: pulumi.Input[str]
+    cluster_security_group_id: pulumi.Input[str]
+    node_role_arn: pulumi.Input[str]
+    vpc_id: pulumi.Input[str]
+    subnet_id: pulumi.Input[str]  # the private subnet of the group's zone
+    tags: Mapping[str, str]
+    depends_on: Sequence[pulumi.Resource] = ()
+
+
+class GpuNodeGroup(pulumi.ComponentResource):
+    node_group: aws.eks.NodeGroup
+    efa_security_group: aws.ec2.SecurityGroup
+    launch_template: aws.ec2.LaunchTemplate
+    placement_group: aws.ec2.PlacementGroup | None
+
+    def __init__(self, name: str, args: GpuNodeGroupArgs, opts: pulumi.ResourceOptions | None = None):
+        super().__init__("nemo-eks:infra:GpuNodeGroup", name, None, opts)
+        group, tags = args.config, dict(args.tags)
+        instance = group.instance
+        child = pulumi.ResourceOptions(parent=self)
+
+        # EFA traffic is OS-bypass between the group's own instances: it must be allowed to and from the group
+        # itself, in BOTH directions. A missing egress rule is the classic silent NCCL failure.
+        self.efa_security_group = aws.ec2.SecurityGroup(
+            f"{name}-efa", vpc_id=args.vpc_id, description=f"EFA traffic within GPU node group {group.name}",
+            tags={**tags, "Name": f"{name}-efa"}, opts=child)
+        sg_id = self.efa_security_group.id
+        aws.vpc.SecurityGroupIngressRule(f"{name}-efa-in", security_group_id=sg_id, referenced_security_group_id=sg_id,
+                                         ip_protocol="-1", description="EFA from the group itself", opts=child)
+        aws.vpc.SecurityGroupEgressRule(f"{name}-efa-out", security_group_id=sg_id, referenced_security_group_id=sg_id,
+                                        ip_protocol="-1", description="EFA to the group itself", opts=child)
+
+        self.placement_group = None
+        placement = None
+        # No placement group with reserved capacity: a Capacity Block or reservation already places its
+        # instances close together, and a forced group can make the reservation unusable.
+        if group.uses_placement_group:
+            self.placement_group = aws.ec2.PlacementGroup(f"{name}-pg", strategy="cluster", tags=tags, opts=child)
+            placement = {"group_name": self.placement_group.name}
+
+        self.launch_template = aws.ec2.LaunchTemplate(
+            f"{name}-lt",
+            # The instance type lives in the launch template, not the node group: EKS requires that for
+            # Capacity Blocks, and one layout for every capacity type keeps the groups alike.
+            instance_type=instance.name,
+            description=f"{instance.name} with {instance.network_cards} EFA interfaces for GPU node group {group.name}",
+            network_interfaces=efa_network_interfaces(instance, [args.cluster_security_group_id, sg_id]),
+            metadata_options={
+                "http_endpoint": "enabled",
+                "http_tokens": "required",  # IMDSv2 only
+                # 2 hops is what EKS's own launch templates use: containers on the node still reach IMDS.
+                "http_put_response_hop_limit": 2,
+            },
+            block_device_mappings=[{
+                "device_name": ROOT_DEVICE_NAME,
+                "ebs": {"volume_size": group.root_volume_gib, "volume_type": "gp3", "encrypted": "true",
+                        "delete_on_termination": "true"},
+            }],
+            user_data=base64.b64encode(nodeadm_user_data().encode()).decode(),
+            placement=placement,
+            tag_specifications=[{"resource_type": "instance", "tags": {**tags, "Name": f"{name}"}}],
+            update_default_version=True,
+            tags=tags,
+            **launch_template_market_args(group),
+            opts=child)
+
+        self.node_group = aws.eks.NodeGroup(
+            f"{name}",
+            cluster_name=args.cluster_name,
+            node_role_arn=args.node_role_arn,
+            subnet_ids=[args.subnet_id],  # one zone: EFA and the placement group do not span zones
+            ami_type=EKS_GPU_AMI_TYPE,
+            release_version=group.ami_release_version,
+            capacity_type=group.capacity_type,
+            scaling_config={"min_size": group.min_size, "desired_size": group.desired_size, "max_size": group.max_size},
+            launch_template={"id": self.launch_template.id,
+                             "version": self.launch_template.latest_version.apply(str)},
+            labels=node_labels(group),
+            taints=[{"key": k, "value": v, "effect": e} if v else {"key": k, "effect": e} for k, v, e in GPU_TAINTS],
+            update_config={"max_unavailable": 1},
+            tags={**tags, NODE_GROUP_LABEL: group.name},
+            opts=pulumi.ResourceOptions(parent=self, depends_on=list(args.depends_on)))
+        self.register_outputs({"nodeGroupName": self.node_group.node_group_name,
+                               "launchTemplateId": self.launch_template.id})

@@ -1,0 +1,59 @@
+"""The whole stack: config -> network -> cluster -> GPU nodes, storage, identity -> add-ons -> exports."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pulumi
+
+from infra.addons import FSX_CLAIM_NAME, Addons, AddonsArgs
+from infra.cluster import Cluster, ClusterArgs
+from infra.config import StackConfig
+from infra.gpu_nodes import GpuNodeGroup, GpuNodeGroupArgs
+from infra.identity import IdentityArgs, WorkloadIdentity
+from infra.network import Network, NetworkArgs
+from infra.storage import Storage, StorageArgs
+
+
+def build(cfg: StackConfig) -> dict[str, Any]:
+    """Declare every resource of the stack and return its outputs. ``cfg`` is already validated: nothing here
+    can fail on a config value, so a bad config never half-deploys."""
+    prefix, tags = cfg.prefix, cfg.tags
+    network = Network(f"{prefix}-network", NetworkArgs(cfg.network, prefix, cluster_name=prefix, region=cfg.region, tags=tags))
+    cluster = Cluster(f"{prefix}-cluster", ClusterArgs(
+        cfg.cluster, cfg.system_nodes, cluster_name=prefix, vpc_id=network.vpc_id,
+        private_subnet_ids=list(network.private_subnet_ids.values()),
+        public_subnet_ids=list(network.public_subnet_ids.values()), tags=tags))
+
+    gpu_groups = [
+        GpuNodeGroup(f"{prefix}-{group.name}", GpuNodeGroupArgs(
+            group, prefix, cluster_name=cluster.name, cluster_security_group_id=cluster.node_security_group_id,
+            node_role_arn=cluster.node_role_arn, vpc_id=network.vpc_id,
+            subnet_id=network.private_subnet_ids[group.availability_zone], tags=tags,
+            # A node must find the CNI and kube-proxy (children of the cluster) and the node role's policies.
+            depends_on=[cluster]))
+        for group in cfg.gpu_node_groups
+    ]
+
+    storage = Storage(f"{prefix}-storage", StorageArgs(
+        cfg.storage, prefix, vpc_id=network.vpc_id, subnet_id=network.private_subnet_ids[cfg.storage.fsx_availability_zone],
+        client_security_group_id=cluster.node_security_group_id, tags=tags))
+    identity = WorkloadIdentity(f"{prefix}-identity", IdentityArgs(
+        cluster_name=cluster.name, namespace=cfg.namespace,
+        bucket_arns={kind: bucket.arn for kind, bucket in storage.buckets.items()}, tags=tags))
+    Addons(f"{prefix}-addons", AddonsArgs(
+        cfg.addons, prefix, cfg.namespace, cluster_name=cluster.name, provider=cluster.provider,
+        system_nodes=cluster.system_nodes, fsx_csi_role_arn=identity.fsx_csi_role.arn,
+        file_system=storage.file_system, fsx_capacity_gib=cfg.storage.fsx_storage_capacity_gib, tags=tags))
+
+    return {
+        "clusterName": cluster.name,
+        "kubeconfig": pulumi.Output.secret(cluster.cluster.kubeconfig_json),
+        "vpcId": network.vpc_id,
+        "gpuNodeGroups": {group.name: ng.node_group.node_group_name for group, ng in zip(cfg.gpu_node_groups, gpu_groups)},
+        "buckets": {kind: bucket.bucket for kind, bucket in storage.buckets.items()},
+        "fsxFileSystemId": storage.file_system.id,
+        "namespace": cfg.namespace,
+        "fsxClaim": FSX_CLAIM_NAME,
+        "workloadRoleArns": {name: role.arn for name, role in identity.roles.items()},
+    }

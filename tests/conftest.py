@@ -1,0 +1,42 @@
+"""Shared fixtures: whole-stack runs under Pulumi's mock monitor, cached per stack for the session."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import pytest
+
+from tools import synth
+
+BASE_CONFIG: dict[str, Any] = {
+    "aws:region": "us-east-1",
+    "nemo-eks:gpuNodeGroups": [{"name": "train", "instanceType": "p4d.24xlarge"}],
+}
+
+
+def raw_config(overrides: dict[str, Any] | None = None, base: dict[str, Any] | None = None) -> dict[str, str]:
+    """Config as the Pulumi CLI passes it: every value a string, objects as JSON."""
+    merged = {**(BASE_CONFIG if base is None else base), **(overrides or {})}
+    return {k: v if isinstance(v, str) else json.dumps(v) for k, v in merged.items()}
+
+
+_cache: dict[str, synth.Synth] = {}
+
+
+def synth_stack(stack: str) -> synth.Synth:
+    if stack not in _cache:
+        _cache[stack] = synth.synthesize(stack)
+    return _cache[stack]
+
+
+def synth_config(name: str, overrides: dict[str, Any], stack: str = "test") -> synth.Synth:
+    key = f"{stack}/{name}"
+    if key not in _cache:
+        _cache[key] = synth.synthesize(stack, raw_config(overrides))
+    return _cache[key]
+
+
+@pytest.fixture(params=synth.stack_names())
+def stack_synth(request) -> synth.Synth:
+    return synth_stack(request.param)

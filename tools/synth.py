@@ -1,0 +1,358 @@
+"""Offline plan: run the whole Pulumi program for one stack file in-process, with no cloud, CLI or network.
+
+    python -m tools.synth STACK [--out build]
+
+Writes ``build/<stack>/plan.json`` (every resource with its type, parent, dependencies and inputs as the
+provider would receive them), ``build/<stack>/manifests/`` (every Kubernetes object, one YAML file each),
+``build/<stack>/helm/`` (each Helm release's chart, version and values) and ``build/<stack>/graph.mmd``
+(the dependency graph), and prints a preview-like summary.
+
+The engine is Pulumi's own mock monitor: resources register exactly as under ``pulumi up``; a provider never
+runs, so a value AWS would compute (an id, an ARN, a DNS name) is written as ``<resource-name.property>``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import re
+import sys
+from collections import Counter, defaultdict
+from dataclasses import dataclass, field
+from functools import lru_cache
+from pathlib import Path
+from typing import Any, Callable, Mapping
+
+import yaml
+
+ROOT = Path(__file__).resolve().parent.parent
+STACKS_DIR = ROOT / "stacks"
+PROJECT = "nemo-eks"
+SECRET = "[secret]"
+_SIG_KEY = "4dabf18193072939515e22adb298388d"
+_SECRET_SIG = "1b47061264138c4ac30d75fd1eb44270"
+_UNKNOWN = "04da6b54-80e4-46f7-96ec-b56ff0331ba9"
+# Our component types and provider resources are not Kubernetes objects, even though some have that package.
+_NOT_MANIFESTS = ("pulumi:providers:", "kubernetes:helm.sh/", "kubernetes:yaml/", "kubernetes:kustomize/")
+
+
+class StackFileError(Exception):
+    pass
+
+
+# --------------------------------------------------------------------------------------------------
+# Stack files
+
+
+def stack_names() -> list[str]:
+    return sorted(p.name[len("Pulumi."):-len(".yaml")] for p in STACKS_DIR.glob("Pulumi.*.yaml"))
+
+
+def read_stack_config(stack: str) -> tuple[dict[str, str], list[str]]:
+    """The stack file's config as the Pulumi CLI hands it to the program: every value a string (objects and
+    lists as JSON), and the names of secret keys. Secret values cannot be decrypted offline; they become
+    a placeholder."""
+    path = STACKS_DIR / f"Pulumi.{stack}.yaml"
+    if not path.exists():
+        raise StackFileError(f"no stack file {path.relative_to(ROOT)}; stacks: {', '.join(stack_names())}")
+    document = yaml.safe_load(path.read_text()) or {}
+    raw, secret_keys = {}, []
+    for key, value in (document.get("config") or {}).items():
+        if ":" not in key:
+            key = f"{PROJECT}:{key}"
+        if isinstance(value, dict) and set(value) == {"secure"}:
+            raw[key], secret_keys = SECRET, [*secret_keys, key]
+        elif isinstance(value, str):
+            raw[key] = value
+        elif isinstance(value, bool):
+            raw[key] = "true" if value else "false"
+        else:
+            raw[key] = json.dumps(value)
+    return raw, secret_keys
+
+
+# --------------------------------------------------------------------------------------------------
+# Mocks: what a provider would have answered
+
+
+@lru_cache(maxsize=None)
+def _type_registry() -> dict[str, tuple[str, str]]:
+    """Type token -> (python module, class name), from each provider SDK's own registration table."""
+    registry: dict[str, tuple[str, str]] = {}
+    for package in ("pulumi_aws", "pulumi_eks", "pulumi_kubernetes"):
+        source = Path(importlib.import_module(package).__file__).read_text()
+        match = re.search(r'resource_modules="""(.*?)"""', source, re.S)
+        for module in json.loads(match.group(1)):
+            for token, cls in module["classes"].items():
+                registry[token] = (module["fqn"], cls)
+    return registry
+
+
+@lru_cache(maxsize=None)
+def output_names(type_token: str) -> tuple[str, ...]:
+    """The engine names of every output property of a resource type."""
+    if type_token.startswith("kubernetes:") and type_token not in _type_registry():
+        return ("metadata", "spec", "status")  # a custom resource
+    entry = _type_registry().get(type_token)
+    if entry is None:
+        return ()
+    cls = getattr(importlib.import_module(entry[0]), entry[1])
+    names = []
+    for klass in cls.__mro__:
+        for attr in vars(klass).values():
+            pulumi_name = getattr(getattr(attr, "fget", None), "_pulumi_name", None)
+            if pulumi_name:
+                names.append(pulumi_name)
+    return tuple(dict.fromkeys(names))
+
+
+def _placeholders(name: str, type_token: str, inputs: Mapping[str, Any]) -> dict[str, Any]:
+    state = dict(inputs)
+    for output in output_names(type_token):
+        if output not in state and output not in ("status",):
+            state[output] = f"<{name}.{output}>"
+    if type_token.startswith("kubernetes:") and "metadata" in state and isinstance(state["metadata"], dict):
+        state["metadata"] = {**state["metadata"], "uid": f"<{name}.uid>"}
+    return state
+
+
+@dataclass
+class Registration:
+    type: str
+    name: str
+    urn: str
+    parent: str | None
+    depends_on: list[str]
+    inputs: dict[str, Any]
+    custom: bool
+    protect: bool
+    retain_on_delete: bool
+    provider: str | None
+
+
+def _make_mocks():
+    import pulumi
+    from pulumi.runtime import rpc
+    from pulumi.runtime.mocks import MockMonitor
+
+    class PlanMocks(pulumi.runtime.Mocks):
+        def new_resource(self, args: pulumi.runtime.MockResourceArgs):
+            return f"<{args.name}.id>", _placeholders(args.name, args.typ, args.inputs)
+
+        def call(self, args: pulumi.runtime.MockCallArgs):
+            raise NotImplementedError(f"the program called {args.token}, which needs a cloud; a plan must not")
+
+    class RecordingMonitor(MockMonitor):
+        def __init__(self, mocks):
+            super().__init__(mocks)
+            self.registrations: list[Registration] = []
+
+        def RegisterResource(self, request):
+            response = super().RegisterResource(request)
+            inputs = rpc.deserialize_properties(request.object, keep_unknowns=True)
+            self.registrations.append(Registration(
+                type=request.type, name=request.name, urn=response.urn, parent=request.parent or None,
+                depends_on=list(dict.fromkeys([*request.dependencies,
+                                               *(u for deps in request.propertyDependencies.values() for u in deps.urns)])),
+                inputs=_readable(inputs), custom=bool(request.custom), protect=bool(request.protect),
+                retain_on_delete=bool(request.retainOnDelete), provider=request.provider or None))
+            return response
+
+    return PlanMocks, RecordingMonitor
+
+
+def _readable(value: Any) -> Any:
+    """Secrets become a placeholder (never plain text in a plan file); unknowns a readable marker."""
+    if isinstance(value, dict):
+        if value.get(_SIG_KEY) == _SECRET_SIG:
+            return SECRET
+        return {k: _readable(v) for k, v in value.items() if k != _SIG_KEY}
+    if isinstance(value, list):
+        return [_readable(v) for v in value]
+    if isinstance(value, float) and value.is_integer():
+        return int(value)  # the wire format has only floats; the providers read these as integers
+    if value == _UNKNOWN:
+        return "<unknown until deploy>"
+    return value
+
+
+# --------------------------------------------------------------------------------------------------
+# Running the program
+
+
+@dataclass
+class Synth:
+    project: str
+    stack: str
+    registrations: list[Registration]
+    outputs: dict[str, Any]
+    by_urn: dict[str, Registration] = field(default_factory=dict)
+
+    def __post_init__(self):
+        self.by_urn = {r.urn: r for r in self.registrations}
+
+    def name_of(self, urn: str | None) -> str | None:
+        if urn is None:
+            return None
+        registration = self.by_urn.get(urn)
+        return registration.name if registration else urn.rsplit("::", 1)[-1]
+
+    def resources(self, type_token: str | None = None, predicate: Callable[[Registration], bool] | None = None) -> list[Registration]:
+        return [r for r in self.registrations
+                if (type_token is None or r.type == type_token) and (predicate is None or predicate(r))]
+
+    def one(self, type_token: str, name: str) -> Registration:
+        matches = [r for r in self.registrations if r.type == type_token and r.name == name]
+        if len(matches) != 1:
+            raise KeyError(f"{len(matches)} resources of type {type_token} named {name}")
+        return matches[0]
+
+    def plan(self) -> dict[str, Any]:
+        return {
+            "project": self.project,
+            "stack": self.stack,
+            "resources": [{
+                "type": r.type, "name": r.name, "parent": self.name_of(r.parent),
+                "dependsOn": [self.name_of(u) for u in r.depends_on],
+                **({"protect": True} if r.protect else {}),
+                **({"retainOnDelete": True} if r.retain_on_delete else {}),
+                "inputs": r.inputs,
+            } for r in self.registrations],
+            "outputs": self.outputs,
+        }
+
+    def manifests(self) -> list[dict[str, Any]]:
+        """Every Kubernetes object the stack declares, as it would be sent to the cluster."""
+        objects = []
+        for r in self.registrations:
+            if not r.custom or not r.type.startswith("kubernetes:") or r.type.startswith(_NOT_MANIFESTS):
+                continue
+            first = {k: r.inputs[k] for k in ("apiVersion", "kind", "metadata") if k in r.inputs}
+            objects.append({**first, **{k: v for k, v in r.inputs.items() if k not in first and k != "status"}})
+        # Vendored manifests applied through yaml.v2.ConfigFile: the component's children are rendered by the
+        # provider at deploy time, from exactly this file.
+        for r in self.resources("kubernetes:yaml/v2:ConfigFile"):
+            objects.extend(d for d in yaml.safe_load_all((ROOT / r.inputs["file"]).read_text()) if d)
+        return objects
+
+    def helm_releases(self) -> list[dict[str, Any]]:
+        return [r.inputs for r in self.resources("kubernetes:helm.sh/v3:Release")]
+
+
+def synthesize(stack: str, config: Mapping[str, str] | None = None, secret_keys: list[str] | None = None) -> Synth:
+    """Run the program for ``stack`` (its stack file, or ``config`` given as raw key -> string values)."""
+    import pulumi
+    from pulumi.runtime import settings
+    from pulumi.runtime.sync_await import _sync_await
+    from pulumi.runtime.stack import run_pulumi_func
+
+    if config is None:
+        config, secret_keys = read_stack_config(stack)
+    PlanMocks, RecordingMonitor = _make_mocks()
+    mocks = PlanMocks()
+    monitor = RecordingMonitor(mocks)
+    settings.ROOT.set(None)  # a fresh root stack resource for every run in this process
+    pulumi.runtime.set_all_config(dict(config), secret_keys or [])
+    pulumi.runtime.set_mocks(mocks, project=PROJECT, stack=stack, preview=False, monitor=monitor)
+
+    from infra import config as stack_config
+    from infra import program
+
+    cfg = stack_config.load(config, stack, PROJECT)
+    outputs: dict[str, Any] = {}
+
+    def run() -> None:
+        for key, value in program.build(cfg).items():
+            output = pulumi.Output.from_input(value)
+            secret = _sync_await(output.is_secret())
+            outputs[key] = SECRET if secret else _readable(_sync_await(output.future(with_unknowns=True)))
+
+    _sync_await(run_pulumi_func(run))
+    # Registration order follows when inputs resolve; sorted by URN the plan is the same on every run.
+    registrations = sorted(monitor.registrations, key=lambda r: (r.type != "pulumi:pulumi:Stack", r.urn))
+    return Synth(PROJECT, stack, registrations, outputs)
+
+
+# --------------------------------------------------------------------------------------------------
+# Writing the plan
+
+
+def _slug(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.-]+", "-", text).strip("-")
+
+
+def manifest_filename(index: int, obj: Mapping[str, Any]) -> str:
+    meta = obj.get("metadata") or {}
+    parts = [f"{index:03d}", obj.get("kind", "Object"), meta.get("namespace", ""), meta.get("name", "")]
+    return _slug("-".join(p for p in parts if p)) + ".yaml"
+
+
+def mermaid(synth: Synth) -> str:
+    ids = {r.urn: f"r{i}" for i, r in enumerate(synth.registrations)}
+    lines = ["graph LR"]
+    for r in synth.registrations:
+        short_type = r.type.split(":")[-1]
+        lines.append(f'  {ids[r.urn]}["{r.name}<br/><small>{short_type}</small>"]')
+    for r in synth.registrations:
+        if r.parent in ids:
+            lines.append(f"  {ids[r.parent]} -.-> {ids[r.urn]}")
+        for dep in r.depends_on:
+            if dep in ids and dep != r.parent:
+                lines.append(f"  {ids[dep]} --> {ids[r.urn]}")
+    return "\n".join(lines) + "\n"
+
+
+def write(synth: Synth, out: Path) -> Path:
+    target = out / synth.stack
+    manifests_dir, helm_dir = target / "manifests", target / "helm"
+    for directory in (manifests_dir, helm_dir):
+        directory.mkdir(parents=True, exist_ok=True)
+        for old in directory.glob("*.yaml"):
+            old.unlink()
+    (target / "plan.json").write_text(json.dumps(synth.plan(), indent=2, sort_keys=False) + "\n")
+    for index, obj in enumerate(synth.manifests()):
+        (manifests_dir / manifest_filename(index, obj)).write_text(yaml.safe_dump(obj, sort_keys=False))
+    for release in synth.helm_releases():
+        (helm_dir / f"{_slug(release.get('name', 'release'))}.yaml").write_text(yaml.safe_dump(release, sort_keys=False))
+    (target / "graph.mmd").write_text(mermaid(synth))
+    return target
+
+
+def summary(synth: Synth) -> str:
+    """Resources per top-level component and type, like the tree `pulumi preview` prints."""
+    def top(r: Registration) -> str:
+        parent = synth.by_urn.get(r.parent) if r.parent else None
+        return f"{r.name} ({r.type})" if parent is None or parent.type == "pulumi:pulumi:Stack" else top(parent)
+
+    groups: dict[str, Counter] = defaultdict(Counter)
+    for r in synth.registrations:
+        groups[top(r)][r.type] += 1
+    lines = [f"Plan for {synth.project}/{synth.stack}: {len(synth.registrations)} resources"]
+    for component, counts in groups.items():
+        lines.append(f"  + {component}: {sum(counts.values())}")
+        for type_token, count in sorted(counts.items()):
+            lines.append(f"      {count:3d} x {type_token}")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m tools.synth", description=__doc__.split("\n")[0])
+    parser.add_argument("stack", help="stack name: stacks/Pulumi.<stack>.yaml")
+    parser.add_argument("--out", type=Path, default=ROOT / "build", help="output directory (default: build)")
+    args = parser.parse_args(argv)
+    from infra.config import ConfigError
+    try:
+        synth = synthesize(args.stack)
+    except (ConfigError, StackFileError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    target = write(synth, args.out)
+    print(summary(synth))
+    print(f"\nWrote {target.relative_to(ROOT) if target.is_relative_to(ROOT) else target}/: plan.json, "
+          f"{len(synth.manifests())} manifests, {len(synth.helm_releases())} Helm releases, graph.mmd")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
