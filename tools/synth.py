@@ -214,7 +214,7 @@ class Synth:
             "stack": self.stack,
             "resources": [{
                 "type": r.type, "name": r.name, "parent": self.name_of(r.parent),
-                "dependsOn": [self.name_of(u) for u in r.depends_on],
+                "dependsOn": sorted(self.name_of(u) for u in r.depends_on),
                 **({"protect": True} if r.protect else {}),
                 **({"retainOnDelete": True} if r.retain_on_delete else {}),
                 "inputs": r.inputs,
@@ -240,26 +240,41 @@ class Synth:
         return [r.inputs for r in self.resources("kubernetes:helm.sh/v3:Release")]
 
 
-def synthesize(stack: str, config: Mapping[str, str] | None = None, secret_keys: list[str] | None = None) -> Synth:
-    """Run the program for ``stack`` (its stack file, or ``config`` given as raw key -> string values)."""
+def install_mocks(stack: str, config: Mapping[str, str], secret_keys: list[str] | None = None):
+    """Point the Pulumi runtime of this process at a fresh recording mock monitor; return the monitor."""
     import pulumi
     from pulumi.runtime import settings
-    from pulumi.runtime.sync_await import _sync_await
-    from pulumi.runtime.stack import run_pulumi_func
 
-    if config is None:
-        config, secret_keys = read_stack_config(stack)
     PlanMocks, RecordingMonitor = _make_mocks()
     mocks = PlanMocks()
     monitor = RecordingMonitor(mocks)
     settings.ROOT.set(None)  # a fresh root stack resource for every run in this process
     pulumi.runtime.set_all_config(dict(config), secret_keys or [])
     pulumi.runtime.set_mocks(mocks, project=PROJECT, stack=stack, preview=False, monitor=monitor)
+    return monitor
+
+
+def run_in_runtime(fn: Callable[[], None]) -> None:
+    """Run ``fn`` as a Pulumi program and wait for every registration and output it started."""
+    from pulumi.runtime.stack import run_pulumi_func
+    from pulumi.runtime.sync_await import _sync_await
+
+    _sync_await(run_pulumi_func(fn))
+
+
+def synthesize(stack: str, config: Mapping[str, str] | None = None, secret_keys: list[str] | None = None) -> Synth:
+    """Run the program for ``stack`` (its stack file, or ``config`` given as raw key -> string values)."""
+    import pulumi
+    from pulumi.runtime.sync_await import _sync_await
 
     from infra import config as stack_config
     from infra import program
 
+    if config is None:
+        config, secret_keys = read_stack_config(stack)
+    # Validation first, exactly as __main__ does: a bad config declares nothing.
     cfg = stack_config.load(config, stack, PROJECT)
+    monitor = install_mocks(stack, config, secret_keys)
     outputs: dict[str, Any] = {}
 
     def run() -> None:
@@ -268,7 +283,7 @@ def synthesize(stack: str, config: Mapping[str, str] | None = None, secret_keys:
             secret = _sync_await(output.is_secret())
             outputs[key] = SECRET if secret else _readable(_sync_await(output.future(with_unknowns=True)))
 
-    _sync_await(run_pulumi_func(run))
+    run_in_runtime(run)
     # Registration order follows when inputs resolve; sorted by URN the plan is the same on every run.
     registrations = sorted(monitor.registrations, key=lambda r: (r.type != "pulumi:pulumi:Stack", r.urn))
     return Synth(PROJECT, stack, registrations, outputs)
