@@ -414,3 +414,12 @@ def test_manifests_are_valid_kubernetes(stack_synth):
 def test_every_kubernetes_object_has_explicit_name():
     for manifest in synth_stack("dev").manifests():
         assert manifest["metadata"]["name"] and not manifest["metadata"]["name"].startswith("<")
+
+
+def test_vendored_crd_is_the_schema_we_validate_against():
+    import pathlib
+    root = pathlib.Path(synth.ROOT)
+    vendored = [d for d in yaml.safe_load_all((root / "infra/vendor/training-operator-v1.9.3.yaml").read_text())
+                if d and d["kind"] == "CustomResourceDefinition"]
+    assert [d["metadata"]["name"] for d in vendored] == ["pytorchjobs.kubeflow.org"]
+    assert vendored[0] == yaml.safe_load((root / "schemas/kubeflow.org_pytorchjobs.yaml").read_text())
