@@ -4,13 +4,15 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STACK ?= dev
 
-.PHONY: help venv plan plan-all test bench config-doc clean
+.PHONY: help venv plan plan-all test bench sizing docs clean
 
 help:
 	@echo "make plan STACK=<name>   offline plan of stacks/Pulumi.<name>.yaml into build/<name>/"
 	@echo "make plan-all            offline plan of every stack file"
 	@echo "make test                unit, mock, schema and moto tests (what CI runs)"
-	@echo "make config-doc          print the README's configuration table from infra/config.py"
+	@echo "make sizing              the sizing matrix: every variant x method x GPU type (Markdown)"
+	@echo "make docs                rewrite README.md's generated tables (config keys, sizing)"
+	@echo "make bench               time the planner over the full matrix"
 
 $(VENV)/.installed: requirements.txt requirements-dev.txt
 	@command -v $(PYTHON) >/dev/null || { echo "need $(PYTHON) (set PYTHON=...)"; exit 1; }
@@ -31,8 +33,14 @@ plan-all: venv
 test: venv
 	$(PY) -m pytest
 
-config-doc: venv
-	$(PY) -m tools.configdoc
+sizing: venv
+	@$(PY) -m infra.sizing --matrix
+
+docs: venv
+	$(PY) -m tools.docgen --write
+
+bench: venv
+	$(PY) -m tools.bench
 
 clean:
 	rm -rf build .pytest_cache

@@ -35,6 +35,16 @@ PRICE_DATE = "2026-11-09"
 SYSTEM_INSTANCE_TYPE = "m7i.2xlarge"
 
 
+# Dense (no sparsity) Tensor Core peak per GPU in TFLOP/s, by GPU model and training precision, from NVIDIA's
+# datasheets: A100 SXM BF16 312; H100 SXM BF16 989 and FP8 1,979; H200 SXM has the H100's compute (the same
+# GH100 die with more memory). Ampere has no FP8. The planner's efficiency figures are shares of these.
+GPU_PEAK_TFLOPS: Mapping[str, Mapping[str, float]] = MappingProxyType({
+    "A100": MappingProxyType({"bf16": 312.0}),
+    "H100": MappingProxyType({"bf16": 989.0, "fp8": 1979.0}),
+    "H200": MappingProxyType({"bf16": 989.0, "fp8": 1979.0}),
+})
+
+
 class UnknownInstanceType(ValueError):
     """Raised when an instance type is not in the catalog. A stack config typo fails here, at preview."""
 

@@ -2,7 +2,7 @@
 
 Every key the program reads is declared once in ``KEYS`` (name, type, default, allowed values, meaning).
 The loader reads values through that table, the README's configuration table is generated from it
-(``python -m tools.configdoc``), and a key that is not in it is rejected as a likely typo. A bad value
+(``make docs``), and a key that is not in it is rejected as a likely typo. A bad value
 raises ``ConfigError`` naming the key, the value and what is allowed, before any resource is declared.
 """
 
@@ -11,15 +11,20 @@ from __future__ import annotations
 import difflib
 import ipaddress
 import json
+import math
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from types import MappingProxyType
 from typing import Any, Callable, Mapping, Sequence
 
-from infra import catalog
+from infra import catalog, sizing
 
 PROJECT = "nemo-eks"
 REQUIRED = object()  # sentinel default: the key must be set
+
+
+class Derived(str):
+    """A default computed from other keys or the sizing plan; the text says from what (for the README)."""
 
 
 class ConfigError(ValueError):
@@ -59,7 +64,7 @@ KEYS: tuple[Key, ...] = (
     Key("namespace", "string", "nemo", "a DNS-1123 label", "Namespace of the pipeline's workloads, service accounts and FSx claim."),
     Key("tags", "map<string,string>", {}, "string keys and values", "Extra tags on every AWS resource (the project and stack tags are always set)."),
     Key("network.vpcCidr", "string", "10.0.0.0/16", "an IPv4 CIDR from /16 to /20", "CIDR of the new VPC; private subnets get a quarter each, public subnets a sixteenth."),
-    Key("network.availabilityZones", "list<string>", "<region>a, b, c", "2 or 3 zone names of the region", "Zones of the new VPC's subnets."),
+    Key("network.availabilityZones", "list<string>", Derived("<region>a, b, c"), "2 or 3 zone names of the region", "Zones of the new VPC's subnets."),
     Key("network.natGateways", "string", "single", "single, perAz", "One NAT gateway for the VPC, or one per zone (survives the loss of a zone)."),
     Key("network.existingVpcId", "string", None, "vpc-…", "Use this VPC instead of creating one; then both subnet maps below are required."),
     Key("network.existingPrivateSubnetIds", "map<string,string>", None, "zone name -> subnet-…", "Private subnets of the existing VPC, by zone: nodes, FSx."),
@@ -75,20 +80,38 @@ KEYS: tuple[Key, ...] = (
     Key("gpuNodeGroups", "list<object>", REQUIRED, "at least one group", "GPU node groups, one managed node group each."),
     Key("gpuNodeGroups[].name", "string", REQUIRED, "lower-case letters, digits, '-'; at most 20; unique", "Short name of the group, used in resource names and the node label."),
     Key("gpuNodeGroups[].instanceType", "string", REQUIRED, ", ".join(catalog.GPU_INSTANCE_TYPES), "GPU instance type."),
-    Key("gpuNodeGroups[].availabilityZone", "string", "first zone", "one of the network's zones", "The group's one zone (EFA and the cluster placement group need one zone)."),
+    Key("gpuNodeGroups[].availabilityZone", "string", Derived("first zone"), "one of the network's zones", "The group's one zone (EFA and the cluster placement group need one zone)."),
     Key("gpuNodeGroups[].minSize", "integer", 0, ">= 0", "Smallest size; 0 lets the group cost nothing while idle."),
-    Key("gpuNodeGroups[].desiredSize", "integer", 0, "minSize..maxSize", "Size of the group now."),
-    Key("gpuNodeGroups[].maxSize", "integer", 1, ">= 1 and >= desiredSize", "Largest size of the group."),
+    Key("gpuNodeGroups[].desiredSize", "integer", 0, "minSize..maxSize; 0, or at least the nodes its stages need", "Size of the group now: 0 while idle, the planned nodes to run the pipeline."),
+    Key("gpuNodeGroups[].maxSize", "integer", Derived("from the sizing plan"), ">= what the stages on the group need, planned", "Largest size. Default: the training nodes plus the serving nodes the plan puts on the group, so a new run never waits for the serving node."),
     Key("gpuNodeGroups[].capacityType", "string", "ON_DEMAND", ", ".join(CAPACITY_TYPES), "How the instances are bought."),
     Key("gpuNodeGroups[].capacityReservationId", "string", None, "cr-…; required for CAPACITY_BLOCK, optional for ON_DEMAND, not for SPOT", "Capacity Block or On-Demand Capacity Reservation to launch into (no placement group is then created)."),
     Key("gpuNodeGroups[].rootVolumeGib", "integer", 200, "50..16384", "Root EBS volume (gp3, encrypted); images and pod data use the RAID0 of the instance-store NVMe."),
     Key("gpuNodeGroups[].amiReleaseVersion", "string", None, "an EKS AL2023 NVIDIA AMI release, e.g. 1.34.1-20251120", "Pin the node AMI release; unset follows the latest for the Kubernetes version."),
-    Key("storage.fsxStorageCapacityGib", "integer", 1200, "1200, 2400, then multiples of 2400", "FSx for Lustre PERSISTENT_2 capacity."),
-    Key("storage.fsxThroughputPerTib", "integer", 250, ", ".join(map(str, FSX_THROUGHPUTS_MB_PER_TIB)), "FSx throughput per TiB of capacity (MB/s/TiB)."),
-    Key("storage.fsxAvailabilityZone", "string", "first GPU group's zone", "one of the network's zones", "Zone of the file system; put it next to the GPU nodes."),
+    Key("storage.fsxStorageCapacityGib", "integer", Derived("from the sizing plan"), "1200, 2400, then multiples of 2400; at least the plan's need", "FSx for Lustre PERSISTENT_2 capacity (dataset, base model, kept checkpoints, exports)."),
+    Key("storage.fsxThroughputPerTib", "integer", Derived("from the sizing plan"), ", ".join(map(str, FSX_THROUGHPUTS_MB_PER_TIB)), "FSx throughput per TiB of capacity (MB/s/TiB); the plan sizes it to write a checkpoint in about ten minutes."),
+    Key("storage.fsxAvailabilityZone", "string", Derived("first GPU group's zone"), "one of the network's zones", "Zone of the file system; put it next to the GPU nodes."),
     Key("storage.noncurrentVersionDays", "integer", 30, "1..3650", "Days old versions of checkpoints and models are kept in S3."),
     Key("storage.abortIncompleteUploadDays", "integer", 7, "1..365", "Days before unfinished multipart uploads are removed."),
-    Key("storage.protect", "boolean", "true for prod stacks", "true, false", "Protect buckets and the file system from deletion and retain them when the stack is destroyed."),
+    Key("storage.protect", "boolean", Derived("true for prod stacks"), "true, false", "Protect buckets and the file system from deletion and retain them when the stack is destroyed."),
+    Key("model.variant", "string", "7b", ", ".join(sizing.VARIANTS), "Model-size variant; everything else is sized from it."),
+    Key("model.preset", "string", Derived("the variant's default"), "; ".join(f"{v}: {', '.join(m)}" for v, m in sizing.VARIANTS.items()), "Concrete model of the variant (architecture facts in infra/sizing.py)."),
+    Key("model.hfModelId", "string", Derived("the preset's Hugging Face id"), "<org>/<name> of a model with the preset's architecture", "Hugging Face model that is fine-tuned, e.g. a chat fine-tune of the preset."),
+    Key("training.method", "string", "lora", ", ".join(sizing.METHODS), "LoRA adapters on a frozen base, or full supervised fine-tuning."),
+    Key("training.precision", "string", "bf16", "bf16; fp8 on Hopper (p5*) only", "Training precision."),
+    Key("training.seqLength", "integer", 4096, "128..the model's maximum", "Training sequence length (tokens)."),
+    Key("training.microBatchSize", "integer", 1, "1..64", "Sequences per GPU per step."),
+    Key("training.globalBatchSize", "integer", 128, "a multiple of microBatchSize x data-parallel size", "Sequences per optimizer step."),
+    Key("training.loraRank", "integer", 16, "1..512", "LoRA rank (method lora)."),
+    Key("training.datasetTokens", "integer", None, ">= 1", "Training-set size in tokens: sizes FSx and gives time and cost to train."),
+    Key("training.epochs", "number", 1, "> 0", "Passes over the training set."),
+    Key("training.nodes", "integer", Derived("planned"), f"1..{sizing.MAX_NODES}, a count that fits", "Fix the number of training nodes; unset lets the planner choose the fewest that fit."),
+    Key("training.tp", "integer", Derived("planned"), "1, 2, 4, 8 dividing the attention and KV heads", "Fix tensor parallelism."),
+    Key("training.pp", "integer", Derived("planned"), "a count that splits the layers evenly", "Fix pipeline parallelism."),
+    Key("training.nodeGroup", "string", Derived("the first GPU group"), "a gpuNodeGroups name", "GPU node group the training job runs on; its instance type is the plan's."),
+    Key("serving.tp", "integer", Derived("planned"), "1, 2, 4, 8 within one node, fitting the engine", "Fix the engine's and Triton's tensor parallelism."),
+    Key("serving.maxSeqLength", "integer", Derived("training.seqLength"), "128..the model's maximum", "Longest sequence (prompt plus output) the engine serves."),
+    Key("serving.nodeGroup", "string", Derived("the training group"), "a gpuNodeGroups name", "GPU node group Triton runs on."),
     Key("addons.nvidiaDevicePluginVersion", "string", "0.20.0", "a chart version of nvidia-device-plugin", "NVIDIA device plugin Helm chart version."),
     Key("addons.efaDevicePluginVersion", "string", "v0.5.31", "a chart version of aws-efa-k8s-device-plugin", "AWS EFA device plugin Helm chart version."),
     Key("addons.podIdentityAgentVersion", "string", None, "an EKS add-on version", "eks-pod-identity-agent add-on version; unset takes EKS's default for the cluster version."),
@@ -191,6 +214,10 @@ class StackConfig:
     gpu_node_groups: tuple[GpuNodeGroupConfig, ...]
     storage: StorageConfig
     addons: AddonsConfig
+    sizing: sizing.SizingPlan  # every size below the config comes from here
+    hf_model_id: str
+    training_node_group: str
+    serving_node_group: str
 
     @property
     def prefix(self) -> str:
@@ -235,6 +262,8 @@ class _Section:
         if value is None:
             if spec.default is REQUIRED:
                 raise ConfigError(self.where(name), None, spec.allowed, "This key is required")
+            if isinstance(spec.default, Derived):
+                return default
             return default if default is not None else spec.default
         return (convert or _CONVERTERS[spec.type])(self.where(name), value, spec)
 
@@ -264,6 +293,15 @@ def _as_integer(where: str, value: Any, spec: Key) -> int:
     if isinstance(value, str) and re.fullmatch(r"-?\d+", value.strip()):
         return int(value)
     raise ConfigError(where, value, f"a whole number; {spec.allowed}")
+
+
+def _as_number(where: str, value: Any, spec: Key) -> float:
+    if isinstance(value, bool):
+        raise ConfigError(where, value, spec.allowed)
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        raise ConfigError(where, value, f"a number; {spec.allowed}") from None
 
 
 def _as_boolean(where: str, value: Any, spec: Key) -> bool:
@@ -308,6 +346,7 @@ def _as_object_list(where: str, value: Any, spec: Key) -> list[Mapping[str, Any]
 _CONVERTERS: Mapping[str, Callable[[str, Any, Key], Any]] = {
     "string": _as_string,
     "integer": _as_integer,
+    "number": _as_number,
     "boolean": _as_boolean,
     "list<string>": _as_string_list,
     "map<string,string>": _as_string_map,
@@ -364,8 +403,10 @@ def load(raw: Mapping[str, Any], stack: str, project: str = PROJECT) -> StackCon
     network = _load_network(_section(root, "network"), region)
     cluster = _load_cluster(_section(root, "cluster"), version)
     system_nodes = _load_system_nodes(_section(root, "systemNodes"))
-    groups = _load_gpu_node_groups(root, network)
-    storage = _load_storage(_section(root, "storage"), network, groups, stack)
+    drafts = _load_gpu_node_groups(root, network)
+    plan, hf_model_id, training_group, serving_group = _load_model_and_plan(root, drafts)
+    groups = _size_gpu_node_groups(drafts, training_group, serving_group, plan)
+    storage = _load_storage(_section(root, "storage"), network, groups, stack, plan)
     addons = _load_addons(_section(root, "addons"))
     tags = root.get("tags")
     root.finish()
@@ -373,7 +414,8 @@ def load(raw: Mapping[str, Any], stack: str, project: str = PROJECT) -> StackCon
         project=project, stack=stack, region=region, namespace=namespace,
         tags=MappingProxyType({**tags, "project": project, "stack": stack, "managed-by": "pulumi"}),
         network=network, cluster=cluster, system_nodes=system_nodes, gpu_node_groups=groups,
-        storage=storage, addons=addons,
+        storage=storage, addons=addons, sizing=plan, hf_model_id=hf_model_id,
+        training_node_group=training_group, serving_node_group=serving_group,
     )
 
 
@@ -450,20 +492,29 @@ def _load_system_nodes(s: _Section) -> SystemNodesConfig:
     return SystemNodesConfig(instance_type, *sizes)
 
 
-def _load_gpu_node_groups(root: _Section, network: NetworkConfig) -> tuple[GpuNodeGroupConfig, ...]:
+@dataclass(frozen=True)
+class _GroupDraft:
+    """A GPU group as written, before the plan tells how many nodes its stages need."""
+
+    section: _Section
+    config: GpuNodeGroupConfig  # max_size/desired_size provisional when not set
+    max_size_set: bool
+
+
+def _load_gpu_node_groups(root: _Section, network: NetworkConfig) -> list[_GroupDraft]:
     entries = root.get("gpuNodeGroups")
-    groups: list[GpuNodeGroupConfig] = []
+    drafts: list[_GroupDraft] = []
     for index, entry in enumerate(entries):
         s = _Section(entry, f"{PROJECT}:gpuNodeGroups[{index}]", "gpuNodeGroups[].")
         name = s.get("name")
         _check(bool(_DNS_LABEL.fullmatch(name)) and len(name) <= 20, s.where("name"), name,
                _KEYS_BY_PATH["gpuNodeGroups[].name"].allowed)
-        _check(name not in {g.name for g in groups}, s.where("name"), name, "a name no other group has")
+        _check(name not in {d.config.name for d in drafts}, s.where("name"), name, "a name no other group has")
         instance_type = _in(s.where("instanceType"), s.get("instanceType"), catalog.GPU_INSTANCE_TYPES)
         zone = _in(s.where("availabilityZone"), s.get("availabilityZone", network.availability_zones[0]),
                    network.availability_zones)
-        sizes = s.get("minSize"), s.get("desiredSize"), s.get("maxSize")
-        _check_sizes(s, *sizes, min_floor=0)
+        max_size = s.raw("maxSize")
+        sizes = s.get("minSize"), s.get("desiredSize"), (s.get("maxSize") if max_size is not None else 0)
         capacity_type = _in(s.where("capacityType"), s.get("capacityType"), CAPACITY_TYPES)
         reservation = s.get("capacityReservationId")
         if reservation is not None:
@@ -477,9 +528,111 @@ def _load_gpu_node_groups(root: _Section, network: NetworkConfig) -> tuple[GpuNo
         _check(50 <= root_volume <= 16384, s.where("rootVolumeGib"), root_volume, "50..16384")
         release = s.get("amiReleaseVersion")
         s.finish()
-        groups.append(GpuNodeGroupConfig(name, instance_type, zone, *sizes, capacity_type, reservation,
-                                         root_volume, release))
+        drafts.append(_GroupDraft(s, GpuNodeGroupConfig(name, instance_type, zone, *sizes, capacity_type, reservation,
+                                                        root_volume, release), max_size is not None))
+    return drafts
+
+
+def _size_gpu_node_groups(drafts: Sequence[_GroupDraft], training_group: str, serving_group: str,
+                          plan: sizing.SizingPlan) -> tuple[GpuNodeGroupConfig, ...]:
+    """Each group's size comes from the plan: the training nodes and the serving nodes it hosts."""
+    serving_nodes = math.ceil(plan.serving.gpus / catalog.get(plan.serving.instance_type).gpus)
+    groups = []
+    for draft in drafts:
+        group, s = draft.config, draft.section
+        stages = {"training": plan.parallelism.nodes if group.name == training_group else 0,
+                  "serving": serving_nodes if group.name == serving_group else 0}
+        # Stages may take turns on a smaller group, but each must fit on it alone.
+        least = max(1, *stages.values())
+        planned = max(1, sum(stages.values()))
+        max_size = group.max_size if draft.max_size_set else planned
+        needs = ", ".join(f"{stage} {n}" for stage, n in stages.items() if n) or "no stage"
+        _check(max_size >= least, s.where("maxSize"), max_size,
+               f">= {least} (the plan needs {needs} node(s) of {group.instance_type} on this group)",
+               f"Leave maxSize unset for {planned}")
+        _check_sizes(s, group.min_size, group.desired_size, max_size, min_floor=0)
+        _check(group.desired_size == 0 or group.desired_size >= least, s.where("desiredSize"), group.desired_size,
+               f"0 (idle) or {least}..{max_size}: the plan needs {needs} node(s) on this group")
+        groups.append(replace(group, max_size=max_size))
     return tuple(groups)
+
+
+_SIZING_KEYS = {"method": "training.method", "precision": "training.precision", "seq_length": "training.seqLength",
+                "global_batch_size": "training.globalBatchSize", "tp": "training.tp", "pp": "training.pp",
+                "nodes": "training.nodes"}
+
+
+def _load_model_and_plan(root: _Section, drafts: Sequence[_GroupDraft]) -> tuple[sizing.SizingPlan, str, str, str]:
+    """The model, the training request and the serving shape; returns the plan, the Hugging Face id and the
+    names of the training and serving groups."""
+    m, t, v = _section(root, "model"), _section(root, "training"), _section(root, "serving")
+    variant = _in(m.where("variant"), m.get("variant"), tuple(sizing.VARIANTS))
+    preset = m.get("preset")
+    if preset is not None:
+        _in(m.where("preset"), preset, sizing.VARIANTS[variant])
+    model = sizing.model_for(variant, preset)
+    hf_id = m.get("hfModelId", model.hf_id)
+    _check(bool(re.fullmatch(r"[A-Za-z0-9][\w.-]*/[\w.-]+", hf_id)), m.where("hfModelId"), hf_id,
+           "a Hugging Face id, <org>/<name>")
+    m.finish()
+
+    names = [d.config.name for d in drafts]
+    training_group = _in(t.where("nodeGroup"), t.get("nodeGroup", names[0]), names)
+    serving_group = _in(v.where("nodeGroup"), v.get("nodeGroup", training_group), names)
+    instance = next(d.config.instance for d in drafts if d.config.name == training_group)
+    serving_instance = next(d.config.instance for d in drafts if d.config.name == serving_group)
+
+    method = _in(t.where("method"), t.get("method"), sizing.METHODS)
+    precision = _in(t.where("precision"), t.get("precision"), sizing.PRECISIONS)
+    seq_length = t.get("seqLength")
+    micro, global_batch = t.get("microBatchSize"), t.get("globalBatchSize")
+    _check(1 <= micro <= 64, t.where("microBatchSize"), micro, "1..64")
+    _check(global_batch >= micro, t.where("globalBatchSize"), global_batch, f">= microBatchSize ({micro})")
+    rank = t.get("loraRank")
+    _check(1 <= rank <= 512, t.where("loraRank"), rank, "1..512")
+    dataset_tokens = t.get("datasetTokens")
+    _check(dataset_tokens is None or dataset_tokens >= 1, t.where("datasetTokens"), dataset_tokens, ">= 1")
+    epochs = t.get("epochs")
+    _check(epochs > 0, t.where("epochs"), epochs, "> 0")
+    nodes, tp, pp = t.get("nodes", 0) or None, t.get("tp", 0) or None, t.get("pp", 0) or None
+    for name, value in (("nodes", nodes), ("tp", tp), ("pp", pp)):
+        _check(value is None or value >= 1, t.where(name), value, ">= 1")
+    serving_tp = v.get("tp", 0) or None
+    serving_seq = v.get("maxSeqLength", seq_length)
+    _check(128 <= serving_seq <= model.max_seq_length, v.where("maxSeqLength"), serving_seq,
+           f"128..{model.max_seq_length} ({model.display})")
+    t.finish()
+    v.finish()
+
+    request = sizing.TrainingRequest(
+        model, method, instance, precision, seq_length, micro, global_batch, rank, dataset_tokens, epochs,
+        nodes, tp, pp, serving_tp=serving_tp, serving_max_seq_length=serving_seq)
+    try:
+        plan = sizing.plan(request)
+    except sizing.SizingError as error:
+        key = _SIZING_KEYS[error.field]
+        section, name = (t, key.split(".")[1])
+        raise ConfigError(section.where(name), getattr(request, error.field), str(error)) from None
+    if serving_instance.name != instance.name:
+        serving = sizing.serving_plan(model, serving_instance, serving_seq, serving_tp)
+        plan = replace(plan, serving=serving, fits=plan.memory.fits and serving.fits,
+                       reasons=tuple(r for r in plan.reasons if r != plan.serving.reason)
+                       + (() if serving.fits else (serving.reason,)))
+    if not plan.memory.fits:
+        fixed = [(n, val) for n, val in (("nodes", nodes), ("tp", tp), ("pp", pp)) if val]
+        where, value = (t.where(fixed[0][0]), fixed[0][1]) if fixed else (t.where("method"), method)
+        if not fixed:
+            index = names.index(training_group)
+            where, value = f"{PROJECT}:gpuNodeGroups[{index}].instanceType", instance.name
+        raise ConfigError(where, value, f"a setting that fits: {plan.nearest}", plan.reasons[0])
+    if not plan.serving.fits:
+        if serving_tp:
+            auto = sizing.serving_plan(model, serving_instance, serving_seq)
+            hint = f"nearest: serving TP {auto.tp}" if auto.fits else "no serving TP fits one node"
+            raise ConfigError(v.where("tp"), serving_tp, hint, plan.serving.reason)
+        raise ConfigError(v.where("maxSeqLength"), serving_seq,
+                          f"a length whose KV cache fits one {serving_instance.name}", plan.serving.reason)
+    return plan, hf_id, training_group, serving_group
 
 
 def valid_fsx_capacity(gib: int) -> bool:
@@ -487,13 +640,19 @@ def valid_fsx_capacity(gib: int) -> bool:
     return gib == 1200 or (gib >= 2400 and gib % 2400 == 0)
 
 
-def _load_storage(s: _Section, network: NetworkConfig, groups: Sequence[GpuNodeGroupConfig], stack: str) -> StorageConfig:
-    capacity = s.get("fsxStorageCapacityGib")
+def _load_storage(s: _Section, network: NetworkConfig, groups: Sequence[GpuNodeGroupConfig], stack: str,
+                  plan: sizing.SizingPlan) -> StorageConfig:
+    recommended = plan.storage
+    capacity = s.get("fsxStorageCapacityGib", recommended.fsx_capacity_gib)
     if not valid_fsx_capacity(capacity):
         nearest = 1200 if capacity < 1800 else max(2400, -(-capacity // 2400) * 2400)
         raise ConfigError(s.where("fsxStorageCapacityGib"), capacity, _KEYS_BY_PATH["storage.fsxStorageCapacityGib"].allowed,
                           f"The nearest valid capacity is {nearest}")
-    throughput = s.get("fsxThroughputPerTib")
+    _check(capacity * sizing.GIB >= recommended.needed_bytes, s.where("fsxStorageCapacityGib"), capacity,
+           f">= {recommended.fsx_capacity_gib} for this plan",
+           f"The plan keeps {recommended.checkpoints_kept} checkpoints of {recommended.checkpoint_bytes / sizing.GIB:.0f} GiB, "
+           f"the base model and exports: {recommended.needed_bytes / sizing.GIB:.0f} GiB with 20% free")
+    throughput = s.get("fsxThroughputPerTib", recommended.fsx_throughput_per_tib)
     _check(throughput in FSX_THROUGHPUTS_MB_PER_TIB, s.where("fsxThroughputPerTib"), throughput,
            ", ".join(map(str, FSX_THROUGHPUTS_MB_PER_TIB)) + " (PERSISTENT_2)")
     zone = _in(s.where("fsxAvailabilityZone"), s.get("fsxAvailabilityZone", groups[0].availability_zone),

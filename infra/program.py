@@ -56,4 +56,20 @@ def build(cfg: StackConfig) -> dict[str, Any]:
         "namespace": cfg.namespace,
         "fsxClaim": FSX_CLAIM_NAME,
         "workloadRoleArns": {name: role.arn for name, role in identity.roles.items()},
+        "sizing": sizing_summary(cfg),
+    }
+
+
+def sizing_summary(cfg: StackConfig) -> dict[str, Any]:
+    """The plan's shape as stack outputs: what `pulumi stack output sizing` shows an operator."""
+    plan, par, serving = cfg.sizing, cfg.sizing.parallelism, cfg.sizing.serving
+    return {
+        "model": plan.model.display, "hfModelId": cfg.hf_model_id, "method": plan.request.method,
+        "precision": plan.request.precision,
+        "training": {"nodeGroup": cfg.training_node_group, "instanceType": plan.request.instance.name,
+                     "nodes": par.nodes, "gpus": par.gpus, "tp": par.tp, "pp": par.pp, "cp": par.cp, "dp": par.dp,
+                     "recompute": par.recompute, "tokensPerSecPerGpu": round(plan.tokens_per_sec_per_gpu)},
+        "serving": {"nodeGroup": cfg.serving_node_group, "tp": serving.tp, "pp": serving.pp,
+                    "worldSize": serving.world_size, "precision": serving.precision,
+                    "maxBatchSize": serving.max_batch_size, "maxSeqLength": serving.max_seq_length},
     }

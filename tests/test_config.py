@@ -9,7 +9,7 @@ import pytest
 
 from infra import catalog
 from infra.config import KEYS, ConfigError, load, valid_fsx_capacity
-from tests.conftest import BASE_CONFIG, raw_config
+from tests.conftest import raw_config
 
 
 def test_defaults_of_a_minimal_config():
@@ -21,7 +21,8 @@ def test_defaults_of_a_minimal_config():
     assert cfg.cluster.public_endpoint is False and cfg.cluster.log_types[0] == "api"
     assert cfg.system_nodes.instance_type == catalog.SYSTEM_INSTANCE_TYPE
     group = cfg.gpu_node_groups[0]
-    assert (group.min_size, group.desired_size, group.max_size) == (0, 0, 1)
+    # 7B LoRA: one training node plus one serving node, so a new run never waits for the serving node.
+    assert (group.min_size, group.desired_size, group.max_size) == (0, 0, 2)
     assert group.availability_zone == "us-east-1a" and group.capacity_type == "ON_DEMAND"
     assert group.uses_placement_group
     assert cfg.storage.fsx_availability_zone == "us-east-1a"
@@ -143,9 +144,26 @@ def test_fsx_capacity_error_names_the_nearest_valid_capacity():
         load(raw_config({"nemo-eks:storage": {"fsxStorageCapacityGib": 3000}}), "dev")
 
 
-def test_every_documented_key_is_read():
-    """A key in the table that the loader never reads would be documented but silently ignored."""
-    scalar_paths = {k.path for k in KEYS if not k.path.startswith("aws:")}
-    sections = {p.split(".")[0] for p in scalar_paths if "." in p}
-    assert sections == {"network", "cluster", "systemNodes", "storage", "addons", "gpuNodeGroups[]"}
-    assert BASE_CONFIG["nemo-eks:gpuNodeGroups"]  # sanity: the base config is usable
+BAD_BY_TYPE = {"string": ["not", "a string"], "integer": "many", "number": "lots", "boolean": "maybe",
+               "list<string>": "not-a-list", "map<string,string>": ["not", "a map"], "list<object>": "not-a-list"}
+
+
+@pytest.mark.parametrize("key", [k for k in KEYS if k.path != "aws:region"], ids=lambda k: k.path)
+def test_every_documented_key_is_read_and_checked(key):
+    """A wrong-typed value for each key of the table fails naming exactly that key: every documented key is
+    read (an unread one would be reported as unknown) and type-checked."""
+    bad = BAD_BY_TYPE[key.type]
+    group = {"name": "train", "instanceType": "p4d.24xlarge"}
+    if key.path.startswith("gpuNodeGroups[]."):
+        overrides = {"nemo-eks:gpuNodeGroups": [{**group, key.path.split(".", 1)[1]: bad}]}
+        expected = f"nemo-eks:gpuNodeGroups[0].{key.path.split('.', 1)[1]}"
+    elif "." in key.path:
+        section, name = key.path.split(".", 1)
+        overrides = {f"nemo-eks:{section}": {name: bad}}
+        expected = f"nemo-eks:{key.path}"
+    else:
+        overrides = {f"nemo-eks:{key.path}": bad if isinstance(bad, str) else json.dumps(bad)}
+        expected = f"nemo-eks:{key.path}"
+    with pytest.raises(ConfigError) as caught:
+        load(raw_config(overrides), "dev")
+    assert caught.value.key == expected

@@ -4,8 +4,9 @@
 
 Writes ``build/<stack>/plan.json`` (every resource with its type, parent, dependencies and inputs as the
 provider would receive them), ``build/<stack>/manifests/`` (every Kubernetes object, one YAML file each),
-``build/<stack>/helm/`` (each Helm release's chart, version and values) and ``build/<stack>/graph.mmd``
-(the dependency graph), and prints a preview-like summary.
+``build/<stack>/helm/`` (each Helm release's chart, version and values), ``build/<stack>/sizing.json`` (the
+sizing plan every size comes from) and ``build/<stack>/graph.mmd`` (the dependency graph), and prints a
+preview-like summary.
 
 The engine is Pulumi's own mock monitor: resources register exactly as under ``pulumi up``; a provider never
 runs, so a value AWS would compute (an id, an ARN, a DNS name) is written as ``<resource-name.property>``.
@@ -187,6 +188,7 @@ class Synth:
     stack: str
     registrations: list[Registration]
     outputs: dict[str, Any]
+    sizing: dict[str, Any] = field(default_factory=dict)
     by_urn: dict[str, Registration] = field(default_factory=dict)
 
     def __post_init__(self):
@@ -286,7 +288,7 @@ def synthesize(stack: str, config: Mapping[str, str] | None = None, secret_keys:
     run_in_runtime(run)
     # Registration order follows when inputs resolve; sorted by URN the plan is the same on every run.
     registrations = sorted(monitor.registrations, key=lambda r: (r.type != "pulumi:pulumi:Stack", r.urn))
-    return Synth(PROJECT, stack, registrations, outputs)
+    return Synth(PROJECT, stack, registrations, outputs, cfg.sizing.to_dict())
 
 
 # --------------------------------------------------------------------------------------------------
@@ -326,6 +328,7 @@ def write(synth: Synth, out: Path) -> Path:
         for old in directory.glob("*.yaml"):
             old.unlink()
     (target / "plan.json").write_text(json.dumps(synth.plan(), indent=2, sort_keys=False) + "\n")
+    (target / "sizing.json").write_text(json.dumps(synth.sizing, indent=2) + "\n")
     for index, obj in enumerate(synth.manifests()):
         (manifests_dir / manifest_filename(index, obj)).write_text(yaml.safe_dump(obj, sort_keys=False))
     for release in synth.helm_releases():
@@ -364,7 +367,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     target = write(synth, args.out)
     print(summary(synth))
-    print(f"\nWrote {target.relative_to(ROOT) if target.is_relative_to(ROOT) else target}/: plan.json, "
+    print(f"\nWrote {target.relative_to(ROOT) if target.is_relative_to(ROOT) else target}/: plan.json, sizing.json, "
           f"{len(synth.manifests())} manifests, {len(synth.helm_releases())} Helm releases, graph.mmd")
     return 0
 

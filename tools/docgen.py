@@ -1,0 +1,79 @@
+"""README blocks generated from code, so the README cannot drift from it.
+
+    python -m tools.docgen config      # print the stack-config table (from infra/config.py)
+    python -m tools.docgen sizing      # print the sizing matrix (from infra/sizing.py)
+    python -m tools.docgen seed        # print the check of the common sizing table
+    python -m tools.docgen --write     # rewrite every generated block of README.md in place
+"""
+
+from __future__ import annotations
+
+import re
+import sys
+from pathlib import Path
+from typing import Callable
+
+from infra import sizing
+from infra.config import KEYS, REQUIRED, Derived, Key
+
+README = Path(__file__).resolve().parent.parent / "README.md"
+
+
+def _default(key: Key) -> str:
+    if key.default is REQUIRED:
+        return "**required**"
+    if key.default is None:
+        return "unset"
+    if isinstance(key.default, Derived):
+        return str(key.default)
+    if isinstance(key.default, bool):
+        return f"`{str(key.default).lower()}`"
+    if isinstance(key.default, list):
+        return f"`{key.default}`" if key.default else "`[]`"
+    if isinstance(key.default, dict):
+        return "`{}`"
+    return f"`{key.default}`"
+
+
+def config_table() -> str:
+    lines = ["| key | type | default | allowed | meaning |", "| --- | --- | --- | --- | --- |"]
+    for key in KEYS:
+        cells = [f"`{key.qualified}`", key.type.replace("<", "&lt;").replace(">", "&gt;"), _default(key),
+                 key.allowed.replace("|", "\\|"), key.description.replace("|", "\\|")]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+BLOCKS: dict[str, Callable[[], str]] = {
+    "config": config_table,
+    "sizing": sizing.matrix,
+    "seed": sizing.seed_table_markdown,
+}
+
+
+def block(name: str) -> str:
+    return f"<!-- generated:{name} (make docs; do not edit by hand) -->\n{BLOCKS[name]()}\n<!-- end:{name} -->"
+
+
+def rewrite(text: str) -> str:
+    for name in BLOCKS:
+        pattern = re.compile(rf"<!-- generated:{name} .*?<!-- end:{name} -->", re.S)
+        if not pattern.search(text):
+            raise SystemExit(f"README.md has no generated:{name} block")
+        text = pattern.sub(lambda _: block(name), text)
+    return text
+
+
+def main(argv: list[str]) -> int:
+    if argv == ["--write"]:
+        README.write_text(rewrite(README.read_text()))
+        return 0
+    if len(argv) == 1 and argv[0] in BLOCKS:
+        print(BLOCKS[argv[0]]())
+        return 0
+    print(__doc__, file=sys.stderr)
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
