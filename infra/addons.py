@@ -20,6 +20,9 @@ TRAINING_OPERATOR_MANIFEST = "infra/vendor/training-operator-v1.9.3.yaml"
 NVIDIA_DEVICE_PLUGIN_REPO = "https://nvidia.github.io/k8s-device-plugin"
 EKS_CHARTS_REPO = "https://aws.github.io/eks-charts"
 FSX_CLAIM_NAME = "fsx"  # the claim every pipeline pod mounts
+# Lustre ignores a volume's declared size, and a statically bound claim cannot be resized: a fixed nominal
+# size keeps a larger file system from turning into a claim update the API server refuses.
+FSX_NOMINAL_SIZE = "1200Gi"
 DEVICE_PLUGIN_NAMESPACE = "kube-system"
 
 
@@ -49,12 +52,12 @@ def service_account_manifest(namespace: str, name: str, workload: str) -> dict[s
                          "labels": {"app.kubernetes.io/part-of": "nemo-eks", "app.kubernetes.io/component": workload}}}
 
 
-def fsx_volume_manifest(name: str, file_system_id: Any, dns_name: Any, mount_name: Any, capacity_gib: int) -> dict[str, Any]:
+def fsx_volume_manifest(name: str, file_system_id: Any, dns_name: Any, mount_name: Any) -> dict[str, Any]:
     """A static PersistentVolume for the file system we declare (no dynamic provisioning, no storage class)."""
     return {"apiVersion": "v1", "kind": "PersistentVolume",
             "metadata": {"name": name, "labels": {"app.kubernetes.io/part-of": "nemo-eks"}},
             "spec": {
-                "capacity": {"storage": f"{capacity_gib}Gi"},
+                "capacity": {"storage": FSX_NOMINAL_SIZE},
                 "volumeMode": "Filesystem",
                 "accessModes": ["ReadWriteMany"],
                 "persistentVolumeReclaimPolicy": "Retain",  # deleting the claim never touches the data
@@ -65,11 +68,11 @@ def fsx_volume_manifest(name: str, file_system_id: Any, dns_name: Any, mount_nam
             }}
 
 
-def fsx_claim_manifest(namespace: str, volume_name: str, capacity_gib: int) -> dict[str, Any]:
+def fsx_claim_manifest(namespace: str, volume_name: str) -> dict[str, Any]:
     return {"apiVersion": "v1", "kind": "PersistentVolumeClaim",
             "metadata": {"name": FSX_CLAIM_NAME, "namespace": namespace, "labels": {"app.kubernetes.io/part-of": "nemo-eks"}},
             "spec": {"accessModes": ["ReadWriteMany"], "storageClassName": "", "volumeName": volume_name,
-                     "resources": {"requests": {"storage": f"{capacity_gib}Gi"}}}}
+                     "resources": {"requests": {"storage": FSX_NOMINAL_SIZE}}}}
 
 
 @dataclass(frozen=True)
@@ -82,7 +85,6 @@ class AddonsArgs:
     system_nodes: pulumi.Resource  # add-ons need somewhere to run before they report healthy
     fsx_csi_role_arn: pulumi.Input[str]
     file_system: aws.fsx.LustreFileSystem
-    fsx_capacity_gib: int
     tags: Mapping[str, str]
 
 
@@ -135,11 +137,11 @@ class Addons(pulumi.ComponentResource):
 
         fs = args.file_system
         volume_name = f"{args.prefix}-fsx"
-        volume = fsx_volume_manifest(volume_name, fs.id, fs.dns_name, fs.mount_name, args.fsx_capacity_gib)
+        volume = fsx_volume_manifest(volume_name, fs.id, fs.dns_name, fs.mount_name)
         # Mounts go through the CSI driver: the volume is only usable once the add-on runs.
         pv = k8s.core.v1.PersistentVolume(f"{name}-fsx-volume", metadata=volume["metadata"], spec=volume["spec"],
                                           opts=pulumi.ResourceOptions(parent=self, provider=args.provider, depends_on=[fsx_csi]))
-        claim = fsx_claim_manifest(args.namespace, volume_name, args.fsx_capacity_gib)
+        claim = fsx_claim_manifest(args.namespace, volume_name)
         self.fsx_claim = k8s.core.v1.PersistentVolumeClaim(
             f"{name}-fsx-claim", metadata=claim["metadata"], spec=claim["spec"],
             opts=pulumi.ResourceOptions(parent=self, provider=args.provider, depends_on=[self.namespace, pv]))

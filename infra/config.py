@@ -381,11 +381,14 @@ def _in(where: str, value: str, allowed: Sequence[str]) -> str:
 _DNS_LABEL = re.compile(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?")
 _REGION = re.compile(r"[a-z]{2}(-gov|-iso[a-z]*)?-[a-z]+-\d")
 _RESERVATION = re.compile(r"cr-[0-9a-f]{8,17}")
-_ARN = re.compile(r"arn:aws[a-z-]*:(iam|sts)::\d{12}:\S+")
+_ARN = re.compile(r"arn:aws[a-z-]*:iam::\d{12}:(role|user)/\S+")  # EKS access entries reject STS session ARNs
+_STACK = re.compile(r"[a-z0-9]([a-z0-9-]{0,22}[a-z0-9])?")
 
 
 def load(raw: Mapping[str, Any], stack: str, project: str = PROJECT) -> StackConfig:
     """Build the typed config from raw key/value pairs (``nemo-eks:foo`` and ``aws:region`` keys)."""
+    # The stack name is in bucket, role and node-group names, which AWS limits to 63-64 characters.
+    _check(bool(_STACK.fullmatch(stack)), "stack name", stack, "lower-case letters, digits and '-', at most 24")
     root = _Section({k.split(":", 1)[1]: v for k, v in raw.items() if k.startswith(f"{PROJECT}:")}, "", "")
     region = _as_string("aws:region", raw.get("aws:region") or "", _KEYS_BY_PATH["aws:region"])
     _check(bool(_REGION.fullmatch(region)), "aws:region", region or None, _KEYS_BY_PATH["aws:region"].allowed,
@@ -458,7 +461,10 @@ def _load_network(s: _Section, region: str) -> NetworkConfig:
 def _load_cluster(s: _Section, version: str) -> ClusterConfig:
     admins = s.get("adminPrincipalArns")
     for arn in admins:
-        _check(bool(_ARN.fullmatch(arn)), s.where("adminPrincipalArns"), arn, "IAM role or user ARNs, arn:aws:iam::<account>:role/<name>")
+        _check(bool(_ARN.fullmatch(arn)), s.where("adminPrincipalArns"), arn,
+               "IAM role or user ARNs, arn:aws:iam::<account>:role/<name> (not assumed-role session ARNs)")
+    _check(len(set(admins)) == len(admins), s.where("adminPrincipalArns"), list(admins), "each principal once",
+           "An IAM principal can have only one access entry; the identity running `pulumi up` already has one")
     public = s.get("publicEndpoint")
     cidrs = s.get("publicAccessCidrs")
     for cidr in cidrs:

@@ -153,8 +153,9 @@ class GpuNodeGroup(pulumi.ComponentResource):
             metadata_options={
                 "http_endpoint": "enabled",
                 "http_tokens": "required",  # IMDSv2 only
-                # 2 hops is what EKS's own launch templates use: containers on the node still reach IMDS.
-                "http_put_response_hop_limit": 2,
+                # One hop: only host-network processes (kubelet, VPC CNI, the EFA and FSx node plugins) reach
+                # the instance metadata; pods cannot borrow the node role and use Pod Identity instead.
+                "http_put_response_hop_limit": 1,
             },
             block_device_mappings=[{
                 "device_name": ROOT_DEVICE_NAME,
@@ -170,7 +171,7 @@ class GpuNodeGroup(pulumi.ComponentResource):
             opts=child)
 
         self.node_group = aws.eks.NodeGroup(
-            f"{name}",
+            f"{name}-nodes",
             cluster_name=args.cluster_name,
             node_role_arn=args.node_role_arn,
             subnet_ids=[args.subnet_id],  # one zone: EFA and the placement group do not span zones

@@ -84,10 +84,10 @@ class WorkloadIdentity(pulumi.ComponentResource):
                                policy=bucket_arns.apply(lambda arns, w=workload: s3_access_policy(w, arns)), opts=child)
             self.roles[workload_name] = role
             self.associations[workload_name] = aws.eks.PodIdentityAssociation(
-                f"{name}-{workload_name}", cluster_name=args.cluster_name, namespace=args.namespace,
+                f"{name}-{workload_name}-association", cluster_name=args.cluster_name, namespace=args.namespace,
                 service_account=workload.service_account, role_arn=role.arn, tags=tags, opts=child)
 
         self.fsx_csi_role = aws.iam.Role(f"{name}-fsx-csi", assume_role_policy=trust, tags=tags,
                                          description="Pod Identity role of the FSx CSI controller", opts=child)
-        aws.iam.RolePolicy(f"{name}-fsx-csi", role=self.fsx_csi_role.id, policy=fsx_csi_policy(), opts=child)
+        aws.iam.RolePolicy(f"{name}-fsx-csi-policy", role=self.fsx_csi_role.id, policy=fsx_csi_policy(), opts=child)
         self.register_outputs({f"{k}RoleArn": r.arn for k, r in self.roles.items()})

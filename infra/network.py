@@ -81,7 +81,7 @@ class Network(pulumi.ComponentResource):
                                     cidr_block=plan.public_cidr, map_public_ip_on_launch=True,
                                     tags={**tags, **PUBLIC_SUBNET_TAGS, **cluster_tag, "Name": f"{args.prefix}-public-{plan.zone}"},
                                     opts=child)
-            aws.ec2.RouteTableAssociation(f"{name}-public-{plan.zone}", subnet_id=public.id,
+            aws.ec2.RouteTableAssociation(f"{name}-public-{plan.zone}-rt-link", subnet_id=public.id,
                                           route_table_id=public_rt.id, opts=child)
             private = aws.ec2.Subnet(f"{name}-private-{plan.zone}", vpc_id=vpc.id, availability_zone=plan.zone,
                                      cidr_block=plan.private_cidr,
@@ -89,17 +89,17 @@ class Network(pulumi.ComponentResource):
                                      opts=child)
             # One NAT gateway is cheaper; one per zone keeps the other zones online when a zone fails.
             if cfg.nat_gateways == "perAz" or not nat_ids:
-                eip = aws.ec2.Eip(f"{name}-nat-{plan.zone}", domain="vpc", tags={**tags, "Name": f"{args.prefix}-nat-{plan.zone}"},
+                eip = aws.ec2.Eip(f"{name}-nat-{plan.zone}-ip", domain="vpc", tags={**tags, "Name": f"{args.prefix}-nat-{plan.zone}"},
                                   opts=child)
                 nat = aws.ec2.NatGateway(f"{name}-nat-{plan.zone}", subnet_id=public.id, allocation_id=eip.id,
                                          tags={**tags, "Name": f"{args.prefix}-nat-{plan.zone}"},
                                          opts=pulumi.ResourceOptions(parent=self, depends_on=[igw]))
                 nat_ids.append(nat.id)
-            route_table = aws.ec2.RouteTable(f"{name}-private-{plan.zone}", vpc_id=vpc.id,
+            route_table = aws.ec2.RouteTable(f"{name}-private-{plan.zone}-rt", vpc_id=vpc.id,
                                              tags={**tags, "Name": f"{args.prefix}-private-{plan.zone}"}, opts=child)
             aws.ec2.Route(f"{name}-private-{plan.zone}-default", route_table_id=route_table.id,
                           destination_cidr_block="0.0.0.0/0", nat_gateway_id=nat_ids[-1], opts=child)
-            aws.ec2.RouteTableAssociation(f"{name}-private-{plan.zone}", subnet_id=private.id,
+            aws.ec2.RouteTableAssociation(f"{name}-private-{plan.zone}-rt-link", subnet_id=private.id,
                                           route_table_id=route_table.id, opts=child)
             private_route_tables.append(route_table.id)
             self.public_subnet_ids[plan.zone] = public.id

@@ -44,7 +44,7 @@ def build(cfg: StackConfig) -> dict[str, Any]:
     Addons(f"{prefix}-addons", AddonsArgs(
         cfg.addons, prefix, cfg.namespace, cluster_name=cluster.name, provider=cluster.provider,
         system_nodes=cluster.system_nodes, fsx_csi_role_arn=identity.fsx_csi_role.arn,
-        file_system=storage.file_system, fsx_capacity_gib=cfg.storage.fsx_storage_capacity_gib, tags=tags))
+        file_system=storage.file_system, tags=tags))
 
     return {
         "clusterName": cluster.name,

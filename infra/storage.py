@@ -61,22 +61,22 @@ class Storage(pulumi.ComponentResource):
             bucket = aws.s3.Bucket(f"{name}-{kind}", force_destroy=not cfg.protect,
                                    tags={**tags, "nemo-eks/data": kind}, opts=stateful)
             self.buckets[kind] = bucket
-            aws.s3.BucketOwnershipControls(f"{name}-{kind}", bucket=bucket.id,
+            aws.s3.BucketOwnershipControls(f"{name}-{kind}-ownership", bucket=bucket.id,
                                            rule={"object_ownership": "BucketOwnerEnforced"}, opts=child)
-            block = aws.s3.BucketPublicAccessBlock(f"{name}-{kind}", bucket=bucket.id, block_public_acls=True,
+            block = aws.s3.BucketPublicAccessBlock(f"{name}-{kind}-public-access", bucket=bucket.id, block_public_acls=True,
                                                    block_public_policy=True, ignore_public_acls=True,
                                                    restrict_public_buckets=True, opts=child)
-            aws.s3.BucketServerSideEncryptionConfiguration(f"{name}-{kind}", bucket=bucket.id, rules=[{
+            aws.s3.BucketServerSideEncryptionConfiguration(f"{name}-{kind}-encryption", bucket=bucket.id, rules=[{
                 "apply_server_side_encryption_by_default": {"sse_algorithm": "AES256"},
                 "bucket_key_enabled": True}], opts=child)
             # The policy waits for the public access block: S3 evaluates a new policy against the block.
-            aws.s3.BucketPolicy(f"{name}-{kind}", bucket=bucket.id, policy=bucket.arn.apply(tls_only_policy),
+            aws.s3.BucketPolicy(f"{name}-{kind}-policy", bucket=bucket.id, policy=bucket.arn.apply(tls_only_policy),
                                 opts=pulumi.ResourceOptions(parent=self, depends_on=[block]))
             lifecycle_deps = []
             if versioned:
                 lifecycle_deps.append(aws.s3.BucketVersioning(
-                    f"{name}-{kind}", bucket=bucket.id, versioning_configuration={"status": "Enabled"}, opts=child))
-            aws.s3.BucketLifecycleConfiguration(f"{name}-{kind}", bucket=bucket.id, rules=lifecycle_rules(versioned, cfg),
+                    f"{name}-{kind}-versioning", bucket=bucket.id, versioning_configuration={"status": "Enabled"}, opts=child))
+            aws.s3.BucketLifecycleConfiguration(f"{name}-{kind}-lifecycle", bucket=bucket.id, rules=lifecycle_rules(versioned, cfg),
                                                 opts=pulumi.ResourceOptions(parent=self, depends_on=lifecycle_deps))
 
         self.security_group = aws.ec2.SecurityGroup(
@@ -94,6 +94,14 @@ class Storage(pulumi.ComponentResource):
         rules.append(aws.vpc.SecurityGroupEgressRule(
             f"{name}-fsx-out", security_group_id=self.security_group.id, cidr_ipv4="0.0.0.0/0", ip_protocol="-1",
             description="File servers to each other and to S3", opts=child))
+        # Lustre is two-way: the file servers also open connections to the clients on the same ports, so the
+        # nodes' security group must accept them from the file system's (FSx Lustre guide, "File system
+        # access control with Amazon VPC", client rules).
+        for from_port, to_port in LUSTRE_PORTS:
+            rules.append(aws.vpc.SecurityGroupIngressRule(
+                f"{name}-nodes-{from_port}-from-fsx", security_group_id=args.client_security_group_id,
+                referenced_security_group_id=self.security_group.id, ip_protocol="tcp", from_port=from_port,
+                to_port=to_port, description=f"Lustre {from_port}-{to_port} from FSx", opts=child))
 
         self.file_system = aws.fsx.LustreFileSystem(
             f"{name}-lustre",
@@ -111,10 +119,14 @@ class Storage(pulumi.ComponentResource):
             opts=pulumi.ResourceOptions(parent=self, protect=cfg.protect, retain_on_delete=cfg.protect, depends_on=rules))
 
         # Each bucket appears as a directory of the file system; new and changed objects flow both ways.
+        # FSx fails associations created in parallel ("does not have the required permissions for the S3
+        # bucket", terraform-provider-aws#24678), so each waits for the one before; the metadata import of a
+        # large bucket can outlast the default 10 minutes.
         self.associations = {}
+        previous: list[pulumi.Resource] = []
         for kind, bucket in self.buckets.items():
             self.associations[kind] = aws.fsx.DataRepositoryAssociation(
-                f"{name}-{kind}",
+                f"{name}-{kind}-link",
                 file_system_id=self.file_system.id,
                 file_system_path=f"/{kind}",
                 data_repository_path=bucket.bucket.apply(lambda b: f"s3://{b}"),
@@ -122,7 +134,9 @@ class Storage(pulumi.ComponentResource):
                 delete_data_in_filesystem=False,
                 s3={"auto_import_policy": {"events": FSX_EVENTS}, "auto_export_policy": {"events": FSX_EVENTS}},
                 tags=tags,
-                opts=child)
+                opts=pulumi.ResourceOptions(parent=self, depends_on=previous,
+                                            custom_timeouts=pulumi.CustomTimeouts(create="60m", delete="60m")))
+            previous = [self.associations[kind]]
         self.register_outputs({
             "buckets": {kind: b.bucket for kind, b in self.buckets.items()},
             "fileSystemId": self.file_system.id,

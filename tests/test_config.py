@@ -111,6 +111,10 @@ BAD_VALUES = [
      "nemo-eks:network.existingPrivateSubnetIds", "at least 2 zones"),
     ({"nemo-eks:cluster": {"publicEndpoint": True}}, "nemo-eks:cluster.publicAccessCidrs", "at least one CIDR"),
     ({"nemo-eks:cluster": {"adminPrincipalArns": ["admin"]}}, "nemo-eks:cluster.adminPrincipalArns", "ARN"),
+    ({"nemo-eks:cluster": {"adminPrincipalArns": ["arn:aws:sts::111122223333:assumed-role/admin/me"]}},
+     "nemo-eks:cluster.adminPrincipalArns", "not assumed-role session ARNs"),
+    ({"nemo-eks:cluster": {"adminPrincipalArns": ["arn:aws:iam::111122223333:role/a", "arn:aws:iam::111122223333:role/a"]}},
+     "nemo-eks:cluster.adminPrincipalArns", "each principal once"),
     ({"nemo-eks:cluster": {"logTypes": ["api", "audits"]}}, "nemo-eks:cluster.logTypes", "controllerManager"),
     ({"nemo-eks:cluster": "not json"}, "nemo-eks:cluster", "object"),
     ({"nemo-eks:systemNodes": {"minSize": 0}}, "nemo-eks:systemNodes.minSize", ">= 1"),
@@ -127,6 +131,12 @@ def test_bad_values_name_the_key_the_value_and_what_is_allowed(overrides, key, a
     message = str(caught.value)
     assert message.startswith(f"stack config '{key}': ")
     assert "allowed: " in message and allowed in message
+
+
+@pytest.mark.parametrize("stack", ["Prod", "prod_1", "a-very-long-stack-name-over-24", "-dev"])
+def test_stack_names_that_would_break_aws_names_are_rejected(stack):
+    with pytest.raises(ConfigError, match="stack config 'stack name'"):
+        load(raw_config(), stack)
 
 
 def test_misspelt_key_suggests_the_right_one():

@@ -75,7 +75,7 @@ def test_inputs_use_engine_property_names():
 
 
 def test_unknown_values_are_readable_placeholders():
-    ng = synth_stack("dev").one(NODE_GROUP, "nemo-eks-dev-train")
+    ng = synth_stack("dev").one(NODE_GROUP, "nemo-eks-dev-train-nodes")
     assert ng.inputs["nodeRoleArn"] == "<nemo-eks-dev-node.arn>"
     assert ng.inputs["launchTemplate"]["id"] == "<nemo-eks-dev-train-lt.id>"
 
@@ -97,7 +97,7 @@ def test_launch_template_has_one_efa_interface_per_network_card(instance_type):
         assert interface["deviceIndex"] == 1 and interface["interfaceType"] == "efa-only"
     efa_sg = f"<nemo-eks-test-{short}-efa.id>"
     for interface in interfaces:
-        assert interface["securityGroups"] == ["<nemo-eks-test.nodeSecurityGroupId>", efa_sg]
+        assert interface["securityGroups"] == ["<nemo-eks-test-eks.nodeSecurityGroupId>", efa_sg]
         assert "subnetId" not in interface  # a managed node group passes the subnets itself
     assert lt.inputs["instanceType"] == instance_type
     assert "vpcSecurityGroupIds" not in lt.inputs
@@ -125,6 +125,7 @@ def test_efa_security_group_allows_all_traffic_to_and_from_itself(instance_type)
 def test_gpu_launch_template_details():
     lt = synth_stack("dev").one(LT, "nemo-eks-dev-train-lt")
     assert lt.inputs["metadataOptions"]["httpTokens"] == "required"
+    assert lt.inputs["metadataOptions"]["httpPutResponseHopLimit"] == 1  # pods cannot reach the node role
     [root] = lt.inputs["blockDeviceMappings"]
     assert root["deviceName"] == "/dev/xvda"
     assert root["ebs"] == {"deleteOnTermination": "true", "encrypted": "true", "volumeSize": 200, "volumeType": "gp3"}
@@ -151,18 +152,18 @@ def test_capacity_block_and_reservations():
     cb_lt = s.one(LT, "nemo-eks-prod-cb-lt").inputs
     assert cb_lt["instanceMarketOptions"] == {"marketType": "capacity-block"}
     assert cb_lt["capacityReservationSpecification"]["capacityReservationTarget"]["capacityReservationId"] == "cr-0123456789abcdef0"
-    assert s.one(NODE_GROUP, "nemo-eks-prod-cb").inputs["capacityType"] == "CAPACITY_BLOCK"
+    assert s.one(NODE_GROUP, "nemo-eks-prod-cb-nodes").inputs["capacityType"] == "CAPACITY_BLOCK"
     odcr_lt = s.one(LT, "nemo-eks-prod-odcr-lt").inputs
     assert "instanceMarketOptions" not in odcr_lt
     assert odcr_lt["capacityReservationSpecification"]["capacityReservationTarget"]["capacityReservationId"] == "cr-0fedcba9876543210"
-    spot = s.one(NODE_GROUP, "nemo-eks-prod-spot").inputs
+    spot = s.one(NODE_GROUP, "nemo-eks-prod-spot-nodes").inputs
     assert spot["capacityType"] == "SPOT"
     assert "capacityReservationSpecification" not in s.one(LT, "nemo-eks-prod-spot-lt").inputs
 
 
 def test_gpu_node_group():
     s = synth_stack("dev")
-    ng = s.one(NODE_GROUP, "nemo-eks-dev-train")
+    ng = s.one(NODE_GROUP, "nemo-eks-dev-train-nodes")
     assert ng.inputs["amiType"] == "AL2023_x86_64_NVIDIA"
     assert ng.inputs["scalingConfig"] == {"minSize": 0, "desiredSize": 0, "maxSize": 1}
     assert ng.inputs["capacityType"] == "ON_DEMAND"
@@ -173,12 +174,12 @@ def test_gpu_node_group():
     assert ng.inputs["labels"]["nvidia.com/gpu.present"] == "true"
     assert ng.inputs["subnetIds"] == ["<nemo-eks-dev-private-us-east-1a.id>"]
     # A GPU node needs the cluster's CNI (EFA-only interfaces need VPC CNI >= 1.18.4) before it joins.
-    assert {"nemo-eks-dev", "nemo-eks-dev-node"} <= refs(ng, s)
+    assert {"nemo-eks-dev-eks", "nemo-eks-dev-node"} <= refs(ng, s)
 
 
 def test_gpu_group_in_its_zone_subnet():
     s = synth_stack("prod")
-    ng = s.one(NODE_GROUP, "nemo-eks-prod-train")
+    ng = s.one(NODE_GROUP, "nemo-eks-prod-train-nodes")
     assert ng.inputs["subnetIds"] == ["<nemo-eks-prod-private-us-east-1b.id>"]
 
 
@@ -187,7 +188,7 @@ def test_gpu_group_in_its_zone_subnet():
 
 def test_cluster_settings():
     s = synth_stack("prod")
-    cluster = s.one("eks:index:Cluster", "nemo-eks-prod").inputs
+    cluster = s.one("eks:index:Cluster", "nemo-eks-prod-eks").inputs
     assert cluster["name"] == "nemo-eks-prod" and cluster["version"] == "1.34"
     assert cluster["authenticationMode"] == "API"
     assert cluster["endpointPrivateAccess"] is True and cluster["endpointPublicAccess"] is False
@@ -205,7 +206,7 @@ def test_cluster_settings():
 
 
 def test_public_endpoint_with_allow_list():
-    cluster = synth_stack("dev").one("eks:index:Cluster", "nemo-eks-dev").inputs
+    cluster = synth_stack("dev").one("eks:index:Cluster", "nemo-eks-dev-eks").inputs
     assert cluster["endpointPublicAccess"] is True
     assert cluster["publicAccessCidrs"] == ["203.0.113.0/24"]
 
@@ -251,9 +252,9 @@ def test_existing_vpc_declares_no_network():
         "existingVpcId": "vpc-0abc", "existingPrivateSubnetIds": {"us-east-1a": "subnet-a", "us-east-1b": "subnet-b"},
         "existingPublicSubnetIds": {"us-east-1a": "subnet-c", "us-east-1b": "subnet-d"}}})
     assert not s.resources("aws:ec2/vpc:Vpc") and not s.resources("aws:ec2/subnet:Subnet")
-    cluster = s.one("eks:index:Cluster", "nemo-eks-test").inputs
+    cluster = s.one("eks:index:Cluster", "nemo-eks-test-eks").inputs
     assert cluster["vpcId"] == "vpc-0abc" and cluster["privateSubnetIds"] == ["subnet-a", "subnet-b"]
-    assert s.one(NODE_GROUP, "nemo-eks-test-train").inputs["subnetIds"] == ["subnet-a"]
+    assert s.one(NODE_GROUP, "nemo-eks-test-train-nodes").inputs["subnetIds"] == ["subnet-a"]
     assert s.one(FSX, "nemo-eks-test-storage-lustre").inputs["subnetIds"] == "subnet-a"
 
 
@@ -306,12 +307,32 @@ def test_fsx_security_group_opens_lustre_ports_to_nodes_and_itself():
     sg_id = "<nemo-eks-dev-storage-fsx.id>"
     ingress = {(r.inputs["fromPort"], r.inputs["toPort"], r.inputs["referencedSecurityGroupId"], r.inputs["ipProtocol"])
                for r in s.resources(INGRESS) if r.inputs["securityGroupId"] == sg_id}
-    nodes = "<nemo-eks-dev.nodeSecurityGroupId>"
+    nodes = "<nemo-eks-dev-eks.nodeSecurityGroupId>"
     assert ingress == {(988, 988, nodes, "tcp"), (1018, 1023, nodes, "tcp"), (988, 988, sg_id, "tcp"), (1018, 1023, sg_id, "tcp")}
     fs = s.one(FSX, "nemo-eks-dev-storage-lustre")
     assert fs.inputs["securityGroupIds"] == [sg_id]
     # The rules are checked when the file system is created: it must wait for them.
     assert {r.name for r in s.resources(INGRESS) if r.inputs["securityGroupId"] == sg_id} <= refs(fs, s)
+
+
+def test_nodes_accept_lustre_from_the_file_servers():
+    s = synth_stack("dev")
+    nodes, fsx = "<nemo-eks-dev-eks.nodeSecurityGroupId>", "<nemo-eks-dev-storage-fsx.id>"
+    ingress = {(r.inputs["fromPort"], r.inputs["toPort"]) for r in s.resources(INGRESS)
+               if r.inputs["securityGroupId"] == nodes and r.inputs.get("referencedSecurityGroupId") == fsx}
+    assert ingress == {(988, 988), (1018, 1023)}
+
+
+def test_data_repository_associations_are_created_one_at_a_time():
+    s = synth_stack("dev")
+    links = {r.inputs["fileSystemPath"]: r for r in s.resources(DRA)}
+    assert "nemo-eks-dev-storage-datasets-link" in refs(links["/checkpoints"], s)
+    assert "nemo-eks-dev-storage-checkpoints-link" in refs(links["/models"], s)
+
+
+def test_resource_names_are_unique(stack_synth):
+    names = [r.name for r in stack_synth.registrations]
+    assert len(names) == len(set(names)), sorted(n for n in names if names.count(n) > 1)
 
 
 def test_fsx_linked_to_each_bucket_both_ways():
@@ -388,7 +409,11 @@ def test_fsx_volume_and_claim():
                                                       "mountname": "<nemo-eks-dev-storage-lustre.mountName>"}}
     assert pv["spec"]["accessModes"] == ["ReadWriteMany"] and pv["spec"]["persistentVolumeReclaimPolicy"] == "Retain"
     assert pvc["spec"]["volumeName"] == pv["metadata"]["name"] and pvc["metadata"]["namespace"] == "nemo"
-    assert pvc["spec"]["storageClassName"] == "" and pvc["spec"]["resources"]["requests"]["storage"] == "1200Gi"
+    # A fixed nominal size: a static claim cannot be resized, and Lustre ignores the number.
+    assert pvc["spec"]["resources"]["requests"]["storage"] == pv["spec"]["capacity"]["storage"] == "1200Gi"
+    assert pvc["spec"]["storageClassName"] == ""
+    prod = {m["kind"]: m for m in synth_stack("prod").manifests()}
+    assert prod["PersistentVolumeClaim"]["spec"]["resources"]["requests"]["storage"] == "1200Gi"
     claim = s.one("kubernetes:core/v1:PersistentVolumeClaim", "nemo-eks-dev-addons-fsx-claim")
     assert {"nemo-eks-dev-addons-fsx-volume", "nemo-eks-dev-addons-namespace"} <= refs(claim, s)
 

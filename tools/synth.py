@@ -216,7 +216,7 @@ class Synth:
             "stack": self.stack,
             "resources": [{
                 "type": r.type, "name": r.name, "parent": self.name_of(r.parent),
-                "dependsOn": sorted(self.name_of(u) for u in r.depends_on),
+                "dependsOn": sorted({self.name_of(u) for u in r.depends_on}),
                 **({"protect": True} if r.protect else {}),
                 **({"retainOnDelete": True} if r.retain_on_delete else {}),
                 "inputs": r.inputs,
