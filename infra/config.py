@@ -591,6 +591,8 @@ def _load_model_and_plan(root: _Section, drafts: Sequence[_GroupDraft]) -> tuple
     method = _in(t.where("method"), t.get("method"), sizing.METHODS)
     precision = _in(t.where("precision"), t.get("precision"), sizing.PRECISIONS)
     seq_length = t.get("seqLength")
+    _check(128 <= seq_length <= model.max_seq_length, t.where("seqLength"), seq_length,
+           f"128..{model.max_seq_length} ({model.display})")
     micro, global_batch = t.get("microBatchSize"), t.get("globalBatchSize")
     _check(1 <= micro <= 64, t.where("microBatchSize"), micro, "1..64")
     _check(global_batch >= micro, t.where("globalBatchSize"), global_batch, f">= microBatchSize ({micro})")
@@ -632,10 +634,16 @@ def _load_model_and_plan(root: _Section, drafts: Sequence[_GroupDraft]) -> tuple
             where, value = f"{PROJECT}:gpuNodeGroups[{index}].instanceType", instance.name
         raise ConfigError(where, value, f"a setting that fits: {plan.nearest}", plan.reasons[0])
     if not plan.serving.fits:
-        if serving_tp:
-            auto = sizing.serving_plan(model, serving_instance, serving_seq)
-            hint = f"nearest: serving TP {auto.tp}" if auto.fits else "no serving TP fits one node"
-            raise ConfigError(v.where("tp"), serving_tp, hint, plan.serving.reason)
+        auto = sizing.serving_plan(model, serving_instance, serving_seq)
+        if serving_tp and auto.fits:
+            raise ConfigError(v.where("tp"), serving_tp, f"nearest: serving TP {auto.tp}", plan.serving.reason)
+        widest = sizing.serving_plan(model, serving_instance, 128, serving_instance.gpus)
+        if not widest.fits:  # the weights alone do not fit one node: the group's instance type is the problem
+            index = names.index(serving_group)
+            raise ConfigError(f"{PROJECT}:gpuNodeGroups[{index}].instanceType", serving_instance.name,
+                              "an instance type whose GPUs hold the serving engine on one node "
+                              "(FP8 on p5.48xlarge, p5e.48xlarge or p5en.48xlarge for the largest models)",
+                              widest.reason)
         raise ConfigError(v.where("maxSeqLength"), serving_seq,
                           f"a length whose KV cache fits one {serving_instance.name}", plan.serving.reason)
     return plan, hf_id, training_group, serving_group
