@@ -17,7 +17,7 @@ from dataclasses import dataclass, field, replace
 from types import MappingProxyType
 from typing import Any, Callable, Mapping, Sequence
 
-from infra import catalog, sizing
+from infra import catalog, images, sizing
 
 PROJECT = "nemo-eks"
 REQUIRED = object()  # sentinel default: the key must be set
@@ -112,6 +112,20 @@ KEYS: tuple[Key, ...] = (
     Key("serving.tp", "integer", Derived("planned"), "1, 2, 4, 8 within one node, fitting the engine", "Fix the engine's and Triton's tensor parallelism."),
     Key("serving.maxSeqLength", "integer", Derived("training.seqLength"), "128..the model's maximum", "Longest sequence (prompt plus output) the engine serves."),
     Key("serving.nodeGroup", "string", Derived("the training group"), "a gpuNodeGroups name", "GPU node group Triton runs on."),
+    Key("training.maxSteps", "integer", Derived("datasetTokens x epochs / (globalBatchSize x seqLength), else 1000"), ">= 1", "Optimizer steps of the run."),
+    Key("training.learningRate", "number", Derived("1e-4 for LoRA, 5e-6 for SFT (NeMo's fine-tuning recipes)"), "> 0 and < 1", "Peak learning rate (cosine schedule with warm-up)."),
+    Key("data.dataset", "string", "default", "a name of letters, digits, '.', '_', '-'", "Dataset directory in the datasets bucket (train.jsonl, optional validation.jsonl); a new name starts a new run."),
+    Key("images.nemo", "string", images.DEFAULT_NEMO_IMAGE, "a NeMo Framework image pinned by tag, " + ", ".join(images.NEMO_CONTAINERS), "Image of the fine-tuning, export and evaluation pods."),
+    Key("images.triton", "string", images.DEFAULT_TRITON_IMAGE, "a Triton <yy.mm>-trtllm-python-py3 image pinned by tag; <= 26.07 for the engine backend", "Image that builds the engine and serves it (the same tag for both, by construction)."),
+    Key("ngcApiKey", "string", None, "a Pulumi secret (`pulumi config set --secret nemo-eks:ngcApiKey ...`)", "NGC API key: creates the nvcr.io pull secret every NGC pod uses. Unset: the nodes pull anonymously."),
+    Key("serving.backend", "string", "engine", ", ".join(images.BACKENDS), "engine: TensorRT-LLM engine built by the conversion Job; llmapi: TensorRT-LLM's PyTorch backend on the exported checkpoint."),
+    Key("serving.minReplicas", "integer", 1, ">= 1", "Fewest Triton replicas."),
+    Key("serving.maxReplicas", "integer", 2, ">= minReplicas", "Most Triton replicas the autoscaler may run; the GPU group is sized for them."),
+    Key("serving.targetQueueTimeMs", "integer", 100, "1..60000", "Average Triton queue time per request the autoscaler keeps to."),
+    Key("pipeline.enabled", "boolean", True, "true, false", "Declare the training, conversion and serving workloads (false: the platform only)."),
+    Key("pipeline.waitForCompletion", "boolean", False, "true, false", "Make `pulumi up` wait for training and conversion to finish (short dev runs, CI)."),
+    Key("pipeline.timeoutMinutes", "integer", 720, "10..10080", "How long `pulumi up` waits for a stage when waitForCompletion is on."),
+    Key("monitoring.serviceMonitor", "boolean", False, "true, false", "Declare a ServiceMonitor for Triton's metrics (needs the prometheus-operator CRDs in the cluster)."),
     Key("addons.nvidiaDevicePluginVersion", "string", "0.20.0", "a chart version of nvidia-device-plugin", "NVIDIA device plugin Helm chart version."),
     Key("addons.efaDevicePluginVersion", "string", "v0.5.31", "a chart version of aws-efa-k8s-device-plugin", "AWS EFA device plugin Helm chart version."),
     Key("addons.podIdentityAgentVersion", "string", None, "an EKS add-on version", "eks-pod-identity-agent add-on version; unset takes EKS's default for the cluster version."),
@@ -202,6 +216,24 @@ class AddonsConfig:
 
 
 @dataclass(frozen=True)
+class PipelineConfig:
+    enabled: bool
+    dataset: str
+    max_steps: int
+    learning_rate: float
+    nemo_image: str
+    triton_image: str
+    serving_backend: str
+    min_replicas: int
+    max_replicas: int
+    target_queue_time_ms: int
+    wait_for_completion: bool
+    timeout_minutes: int
+    service_monitor: bool
+    ngc_api_key: str | None = field(default=None, repr=False)  # a secret: declared only as a Pulumi secret
+
+
+@dataclass(frozen=True)
 class StackConfig:
     project: str
     stack: str
@@ -218,6 +250,7 @@ class StackConfig:
     hf_model_id: str
     training_node_group: str
     serving_node_group: str
+    pipeline: PipelineConfig
 
     @property
     def prefix(self) -> str:
@@ -385,8 +418,9 @@ _ARN = re.compile(r"arn:aws[a-z-]*:iam::\d{12}:(role|user)/\S+")  # EKS access e
 _STACK = re.compile(r"[a-z0-9]([a-z0-9-]{0,22}[a-z0-9])?")
 
 
-def load(raw: Mapping[str, Any], stack: str, project: str = PROJECT) -> StackConfig:
-    """Build the typed config from raw key/value pairs (``nemo-eks:foo`` and ``aws:region`` keys)."""
+def load(raw: Mapping[str, Any], stack: str, project: str = PROJECT, secret_keys: Sequence[str] = ()) -> StackConfig:
+    """Build the typed config from raw key/value pairs (``nemo-eks:foo`` and ``aws:region`` keys);
+    ``secret_keys`` names the keys Pulumi holds encrypted."""
     # The stack name is in bucket, role and node-group names, which AWS limits to 63-64 characters.
     _check(bool(_STACK.fullmatch(stack)), "stack name", stack, "lower-case letters, digits and '-', at most 24")
     root = _Section({k.split(":", 1)[1]: v for k, v in raw.items() if k.startswith(f"{PROJECT}:")}, "", "")
@@ -407,9 +441,11 @@ def load(raw: Mapping[str, Any], stack: str, project: str = PROJECT) -> StackCon
     cluster = _load_cluster(_section(root, "cluster"), version)
     system_nodes = _load_system_nodes(_section(root, "systemNodes"))
     drafts = _load_gpu_node_groups(root, network)
-    plan, hf_model_id, training_group, serving_group = _load_model_and_plan(root, drafts)
-    groups = _size_gpu_node_groups(drafts, training_group, serving_group, plan)
+    workload = _load_model_and_plan(root, drafts)
+    plan = workload.plan
+    groups = _size_gpu_node_groups(drafts, workload)
     storage = _load_storage(_section(root, "storage"), network, groups, stack, plan)
+    pipeline = _load_pipeline(root, workload, secret_keys)
     addons = _load_addons(_section(root, "addons"))
     tags = root.get("tags")
     root.finish()
@@ -417,8 +453,8 @@ def load(raw: Mapping[str, Any], stack: str, project: str = PROJECT) -> StackCon
         project=project, stack=stack, region=region, namespace=namespace,
         tags=MappingProxyType({**tags, "project": project, "stack": stack, "managed-by": "pulumi"}),
         network=network, cluster=cluster, system_nodes=system_nodes, gpu_node_groups=groups,
-        storage=storage, addons=addons, sizing=plan, hf_model_id=hf_model_id,
-        training_node_group=training_group, serving_node_group=serving_group,
+        storage=storage, addons=addons, sizing=plan, hf_model_id=workload.hf_model_id,
+        training_node_group=workload.training_group, serving_node_group=workload.serving_group, pipeline=pipeline,
     )
 
 
@@ -539,17 +575,17 @@ def _load_gpu_node_groups(root: _Section, network: NetworkConfig) -> list[_Group
     return drafts
 
 
-def _size_gpu_node_groups(drafts: Sequence[_GroupDraft], training_group: str, serving_group: str,
-                          plan: sizing.SizingPlan) -> tuple[GpuNodeGroupConfig, ...]:
+def _size_gpu_node_groups(drafts: Sequence[_GroupDraft], workload: _Workload) -> tuple[GpuNodeGroupConfig, ...]:
     """Each group's size comes from the plan: the training nodes and the serving nodes it hosts."""
+    plan = workload.plan
     serving_nodes = math.ceil(plan.serving.gpus / catalog.get(plan.serving.instance_type).gpus)
     groups = []
     for draft in drafts:
         group, s = draft.config, draft.section
-        stages = {"training": plan.parallelism.nodes if group.name == training_group else 0,
-                  "serving": serving_nodes if group.name == serving_group else 0}
-        # Stages may take turns on a smaller group, but each must fit on it alone.
-        least = max(1, *stages.values())
+        stages = {"training": plan.parallelism.nodes if group.name == workload.training_group else 0,
+                  "serving": serving_nodes * workload.max_replicas if group.name == workload.serving_group else 0}
+        # Stages may take turns on a smaller group, but each must fit on it alone (one serving replica).
+        least = max(1, stages["training"], serving_nodes if stages["serving"] else 0)
         planned = max(1, sum(stages.values()))
         max_size = group.max_size if draft.max_size_set else planned
         needs = ", ".join(f"{stage} {n}" for stage, n in stages.items() if n) or "no stage"
@@ -568,9 +604,22 @@ _SIZING_KEYS = {"method": "training.method", "precision": "training.precision", 
                 "nodes": "training.nodes"}
 
 
-def _load_model_and_plan(root: _Section, drafts: Sequence[_GroupDraft]) -> tuple[sizing.SizingPlan, str, str, str]:
-    """The model, the training request and the serving shape; returns the plan, the Hugging Face id and the
-    names of the training and serving groups."""
+@dataclass(frozen=True)
+class _Workload:
+    plan: sizing.SizingPlan
+    hf_model_id: str
+    training_group: str
+    serving_group: str
+    max_steps: int
+    learning_rate: float
+    backend: str
+    min_replicas: int
+    max_replicas: int
+    target_queue_time_ms: int
+
+
+def _load_model_and_plan(root: _Section, drafts: Sequence[_GroupDraft]) -> _Workload:
+    """The model, the training request and the serving shape, planned."""
     m, t, v = _section(root, "model"), _section(root, "training"), _section(root, "serving")
     variant = _in(m.where("variant"), m.get("variant"), tuple(sizing.VARIANTS))
     preset = m.get("preset")
@@ -605,6 +654,18 @@ def _load_model_and_plan(root: _Section, drafts: Sequence[_GroupDraft]) -> tuple
     nodes, tp, pp = t.get("nodes", 0) or None, t.get("tp", 0) or None, t.get("pp", 0) or None
     for name, value in (("nodes", nodes), ("tp", tp), ("pp", pp)):
         _check(value is None or value >= 1, t.where(name), value, ">= 1")
+    max_steps = t.get("maxSteps")
+    if max_steps is None:
+        max_steps = math.ceil(dataset_tokens * epochs / (global_batch * seq_length)) if dataset_tokens else 1000
+    _check(max_steps >= 1, t.where("maxSteps"), max_steps, ">= 1")
+    learning_rate = t.get("learningRate", 1e-4 if method == "lora" else 5e-6)
+    _check(0 < learning_rate < 1, t.where("learningRate"), learning_rate, "> 0 and < 1")
+    backend = _in(v.where("backend"), v.get("backend"), images.BACKENDS)
+    min_replicas, max_replicas = v.get("minReplicas"), v.get("maxReplicas")
+    _check(min_replicas >= 1, v.where("minReplicas"), min_replicas, ">= 1")
+    _check(max_replicas >= min_replicas, v.where("maxReplicas"), max_replicas, f">= minReplicas ({min_replicas})")
+    target_queue = v.get("targetQueueTimeMs")
+    _check(1 <= target_queue <= 60000, v.where("targetQueueTimeMs"), target_queue, "1..60000")
     serving_tp = v.get("tp", 0) or None
     serving_seq = v.get("maxSeqLength", seq_length)
     _check(128 <= serving_seq <= model.max_seq_length, v.where("maxSeqLength"), serving_seq,
@@ -646,7 +707,8 @@ def _load_model_and_plan(root: _Section, drafts: Sequence[_GroupDraft]) -> tuple
                               widest.reason)
         raise ConfigError(v.where("maxSeqLength"), serving_seq,
                           f"a length whose KV cache fits one {serving_instance.name}", plan.serving.reason)
-    return plan, hf_id, training_group, serving_group
+    return _Workload(plan, hf_id, training_group, serving_group, max_steps, learning_rate, backend, min_replicas,
+                     max_replicas, target_queue)
 
 
 def valid_fsx_capacity(gib: int) -> bool:
@@ -680,6 +742,41 @@ def _load_storage(s: _Section, network: NetworkConfig, groups: Sequence[GpuNodeG
     return StorageConfig(capacity, throughput, zone, noncurrent, abort_days, protect)
 
 
+_DATASET = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")
+
+
+def _load_pipeline(root: _Section, workload: _Workload, secret_keys: Sequence[str]) -> PipelineConfig:
+    d, i, p, m = (_section(root, name) for name in ("data", "images", "pipeline", "monitoring"))
+    dataset = d.get("dataset")
+    _check(bool(_DATASET.fullmatch(dataset)) and ".." not in dataset, d.where("dataset"), dataset,
+           _KEYS_BY_PATH["data.dataset"].allowed)
+    d.finish()
+    nemo_image, triton_image = i.get("nemo"), i.get("triton")
+    try:
+        images.check_nemo(nemo_image)
+    except images.ImageError as error:
+        raise ConfigError(i.where("nemo"), nemo_image, str(error)) from None
+    try:
+        images.check_triton(triton_image, workload.backend)
+    except images.ImageError as error:
+        raise ConfigError(i.where("triton"), triton_image, str(error),
+                          f"serving.backend is {workload.backend}") from None
+    i.finish()
+    ngc_key = root.get("ngcApiKey")
+    if ngc_key is not None and f"{PROJECT}:ngcApiKey" not in secret_keys:
+        # Never echo the value: it is a credential that was meant to be encrypted.
+        raise ConfigError(root.where("ngcApiKey"), "<plain text>", _KEYS_BY_PATH["ngcApiKey"].allowed,
+                          "Plain text would end up in the stack file and the state")
+    enabled, wait, timeout = p.get("enabled"), p.get("waitForCompletion"), p.get("timeoutMinutes")
+    _check(10 <= timeout <= 10080, p.where("timeoutMinutes"), timeout, "10..10080")
+    p.finish()
+    service_monitor = m.get("serviceMonitor")
+    m.finish()
+    return PipelineConfig(enabled, dataset, workload.max_steps, workload.learning_rate, nemo_image, triton_image,
+                          workload.backend, workload.min_replicas, workload.max_replicas,
+                          workload.target_queue_time_ms, wait, timeout, service_monitor, ngc_key)
+
+
 def _load_addons(s: _Section) -> AddonsConfig:
     versions = {name: s.get(name) for name in ("nvidiaDevicePluginVersion", "efaDevicePluginVersion",
                                                  "podIdentityAgentVersion", "fsxCsiDriverVersion")}
@@ -698,4 +795,5 @@ def from_pulumi() -> StackConfig:
 
     # The language host hands the program the whole config map; reading it whole lets us reject unknown keys.
     raw = {**runtime_config.get_config_env(), **runtime_config.CONFIG.get()}
-    return load(raw, pulumi.get_stack(), pulumi.get_project())
+    secret_keys = [key for key in raw if runtime_config.is_config_secret(key)] + runtime_config.get_config_secret_keys_env()
+    return load(raw, pulumi.get_stack(), pulumi.get_project(), secret_keys)

@@ -230,8 +230,8 @@ OVERRIDES = [
     ({"nemo-eks:model": {"variant": "405b"}, "nemo-eks:training": {"method": "sft"}},
      "nemo-eks:gpuNodeGroups[0].instanceType", ["hold the serving engine", "bf16 weights per GPU"]),
     ({**seventy_b_sft(), "nemo-eks:serving": {"tp": 1}}, "nemo-eks:serving.tp", ["nearest: serving TP 2", "weights per GPU"]),
-    (seventy_b_sft(group={"maxSize": 2}), "nemo-eks:gpuNodeGroups[0].maxSize", [">= 4", "training 4", "unset for 5"]),
-    (seventy_b_sft(group={"desiredSize": 2}), "nemo-eks:gpuNodeGroups[0].desiredSize", ["0 (idle) or 4..5"]),
+    (seventy_b_sft(group={"maxSize": 2}), "nemo-eks:gpuNodeGroups[0].maxSize", [">= 4", "training 4", "unset for 6"]),
+    (seventy_b_sft(group={"desiredSize": 2}), "nemo-eks:gpuNodeGroups[0].desiredSize", ["0 (idle) or 4..6"]),
     ({**seventy_b_sft(), "nemo-eks:storage": {"fsxStorageCapacityGib": 1200}}, "nemo-eks:storage.fsxStorageCapacityGib",
      [">= 4800", "3 checkpoints of 920 GiB"]),
     ({"nemo-eks:model": {"variant": "7b", "preset": "llama31-70b"}}, "nemo-eks:model.preset", ["llama2-7b, llama31-8b"]),
@@ -269,7 +269,7 @@ def test_readme_example_error_is_what_the_code_says():
 def test_group_size_defaults_to_the_planned_training_and_serving_nodes():
     cfg = stack(seventy_b_sft())
     assert cfg.sizing.parallelism.nodes == 4
-    assert cfg.gpu_node_groups[0].max_size == 4 + 1  # training plus the serving node
+    assert cfg.gpu_node_groups[0].max_size == 4 + 2  # training plus one serving node per replica (2)
     assert cfg.storage.fsx_storage_capacity_gib == cfg.sizing.storage.fsx_capacity_gib
     assert cfg.storage.fsx_throughput_per_tib == cfg.sizing.storage.fsx_throughput_per_tib
 
@@ -279,7 +279,7 @@ def test_serving_on_its_own_group():
         {"name": "train", "instanceType": "p5.48xlarge"}, {"name": "infer", "instanceType": "p5e.48xlarge"}],
         "nemo-eks:serving": {"nodeGroup": "infer"}})
     assert cfg.sizing.serving.instance_type == "p5e.48xlarge" and cfg.sizing.serving.tp == 1  # 141 GiB H200
-    assert [g.max_size for g in cfg.gpu_node_groups] == [4, 1]
+    assert [g.max_size for g in cfg.gpu_node_groups] == [4, 2]
 
 
 @pytest.mark.parametrize("stack_name", synth.stack_names())

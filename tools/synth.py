@@ -275,7 +275,7 @@ def synthesize(stack: str, config: Mapping[str, str] | None = None, secret_keys:
     if config is None:
         config, secret_keys = read_stack_config(stack)
     # Validation first, exactly as __main__ does: a bad config declares nothing.
-    cfg = stack_config.load(config, stack, PROJECT)
+    cfg = stack_config.load(config, stack, PROJECT, secret_keys or [])
     monitor = install_mocks(stack, config, secret_keys)
     outputs: dict[str, Any] = {}
 

@@ -1,0 +1,122 @@
+"""Where every stage reads and writes on the shared FSx volume, and the markers that chain the stages.
+
+Stdlib only: this file ships to the pods (in the entrypoints ConfigMap) and is imported by the Pulumi side,
+so both agree on every path by construction.
+
+    /fsx/datasets/<dataset>/train.jsonl [validation.jsonl]      (the datasets bucket, linked by FSx)
+    /fsx/models/base/<hf org>/<hf name>/hf                      Hugging Face download of the base model
+    /fsx/models/base/<hf org>/<hf name>/nemo                    its NeMo import, made once and reused
+    /fsx/checkpoints/<run id>/data/{training,validation}.jsonl  the run's data, as NeMo's data module wants it
+    /fsx/checkpoints/<run id>/PREPARED                          marker: data laid out, base model imported
+    /fsx/checkpoints/<run id>/nemo/...                          NeMo logs and checkpoints (AutoResume looks here)
+    /fsx/checkpoints/<run id>/TRAINING_COMPLETE                 marker: training finished
+    /fsx/models/<run id>/<serving id>/hf                        merged Hugging Face export
+    /fsx/models/<run id>/<serving id>/engine                    TensorRT-LLM engine (engine backend)
+    /fsx/models/<run id>/<serving id>/triton                    Triton model repository
+    /fsx/models/<run id>/<serving id>/CONVERSION_COMPLETE       marker: the model repository is ready
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import dataclass
+from pathlib import PurePosixPath
+from typing import Any
+
+FSX_MOUNT = PurePosixPath("/fsx")
+ENTRYPOINTS_DIR = PurePosixPath("/opt/nemo-eks")  # the entrypoints ConfigMap
+RUN_CONFIG_DIR = PurePosixPath("/etc/nemo-eks")  # the run's ConfigMap
+RUN_CONFIG_FILE = RUN_CONFIG_DIR / "run.json"
+
+PREPARED_MARKER = "PREPARED"
+TRAINING_MARKER = "TRAINING_COMPLETE"
+CONVERSION_MARKER = "CONVERSION_COMPLETE"
+
+
+@dataclass(frozen=True)
+class RunPaths:
+    run_id: str
+    serving_id: str
+    dataset: str
+    hf_model_id: str
+
+    @property
+    def dataset_dir(self) -> PurePosixPath:
+        return FSX_MOUNT / "datasets" / self.dataset
+
+    @property
+    def base_model_dir(self) -> PurePosixPath:
+        return FSX_MOUNT / "models" / "base" / self.hf_model_id
+
+    @property
+    def base_hf_dir(self) -> PurePosixPath:
+        return self.base_model_dir / "hf"
+
+    @property
+    def base_nemo_dir(self) -> PurePosixPath:
+        return self.base_model_dir / "nemo"
+
+    @property
+    def run_dir(self) -> PurePosixPath:
+        return FSX_MOUNT / "checkpoints" / self.run_id
+
+    @property
+    def data_dir(self) -> PurePosixPath:
+        return self.run_dir / "data"
+
+    @property
+    def nemo_log_dir(self) -> PurePosixPath:
+        return self.run_dir / "nemo"
+
+    @property
+    def prepared_marker(self) -> PurePosixPath:
+        return self.run_dir / PREPARED_MARKER
+
+    @property
+    def training_marker(self) -> PurePosixPath:
+        return self.run_dir / TRAINING_MARKER
+
+    @property
+    def serving_dir(self) -> PurePosixPath:
+        return FSX_MOUNT / "models" / self.run_id / self.serving_id
+
+    @property
+    def export_dir(self) -> PurePosixPath:
+        return self.serving_dir / "hf"
+
+    @property
+    def engine_dir(self) -> PurePosixPath:
+        return self.serving_dir / "engine"
+
+    @property
+    def model_repository(self) -> PurePosixPath:
+        return self.serving_dir / "triton"
+
+    @property
+    def conversion_marker(self) -> PurePosixPath:
+        return self.serving_dir / CONVERSION_MARKER
+
+    def as_dict(self) -> dict[str, str]:
+        names = ("dataset_dir", "base_hf_dir", "base_nemo_dir", "run_dir", "data_dir", "nemo_log_dir",
+                 "prepared_marker", "training_marker", "serving_dir", "export_dir", "engine_dir", "model_repository", "conversion_marker")
+        return {name: str(getattr(self, name)) for name in names}
+
+
+def write_marker(path: str | os.PathLike, **details: Any) -> None:
+    """Write a completion marker atomically: the next stage never sees a half-written file."""
+    target = os.fspath(path)
+    os.makedirs(os.path.dirname(target), exist_ok=True)
+    partial = f"{target}.partial"
+    with open(partial, "w", encoding="utf-8") as handle:
+        json.dump({"completed_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), **details}, handle, indent=2)
+    os.replace(partial, target)
+
+
+def read_marker(path: str | os.PathLike) -> dict[str, Any] | None:
+    try:
+        with open(os.fspath(path), encoding="utf-8") as handle:
+            return json.load(handle)
+    except FileNotFoundError:
+        return None
