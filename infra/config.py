@@ -578,12 +578,14 @@ def _load_gpu_node_groups(root: _Section, network: NetworkConfig) -> list[_Group
 def _size_gpu_node_groups(drafts: Sequence[_GroupDraft], workload: _Workload) -> tuple[GpuNodeGroupConfig, ...]:
     """Each group's size comes from the plan: the training nodes and the serving nodes it hosts."""
     plan = workload.plan
-    serving_nodes = math.ceil(plan.serving.gpus / catalog.get(plan.serving.instance_type).gpus)
+    serving_gpus_per_node = catalog.get(plan.serving.instance_type).gpus
+    serving_nodes = math.ceil(plan.serving.gpus / serving_gpus_per_node)  # one replica
+    all_replicas = math.ceil(plan.serving.gpus * workload.max_replicas / serving_gpus_per_node)
     groups = []
     for draft in drafts:
         group, s = draft.config, draft.section
         stages = {"training": plan.parallelism.nodes if group.name == workload.training_group else 0,
-                  "serving": serving_nodes * workload.max_replicas if group.name == workload.serving_group else 0}
+                  "serving": all_replicas if group.name == workload.serving_group else 0}
         # Stages may take turns on a smaller group, but each must fit on it alone (one serving replica).
         least = max(1, stages["training"], serving_nodes if stages["serving"] else 0)
         planned = max(1, sum(stages.values()))
@@ -600,8 +602,9 @@ def _size_gpu_node_groups(drafts: Sequence[_GroupDraft], workload: _Workload) ->
 
 
 _SIZING_KEYS = {"method": "training.method", "precision": "training.precision", "seq_length": "training.seqLength",
-                "global_batch_size": "training.globalBatchSize", "tp": "training.tp", "pp": "training.pp",
-                "nodes": "training.nodes"}
+                "global_batch_size": "training.globalBatchSize", "micro_batch_size": "training.microBatchSize",
+                "lora_rank": "training.loraRank", "epochs": "training.epochs", "tp": "training.tp",
+                "pp": "training.pp", "nodes": "training.nodes"}
 
 
 @dataclass(frozen=True)
@@ -725,7 +728,7 @@ def _load_storage(s: _Section, network: NetworkConfig, groups: Sequence[GpuNodeG
         raise ConfigError(s.where("fsxStorageCapacityGib"), capacity, _KEYS_BY_PATH["storage.fsxStorageCapacityGib"].allowed,
                           f"The nearest valid capacity is {nearest}")
     _check(capacity * sizing.GIB >= recommended.needed_bytes, s.where("fsxStorageCapacityGib"), capacity,
-           f">= {recommended.fsx_capacity_gib} for this plan",
+           f">= {sizing.smallest_fsx_capacity(recommended.needed_bytes)} for this plan",
            f"The plan keeps {recommended.checkpoints_kept} checkpoints of {recommended.checkpoint_bytes / sizing.GIB:.0f} GiB, "
            f"the base model and exports: {recommended.needed_bytes / sizing.GIB:.0f} GiB with 20% free")
     throughput = s.get("fsxThroughputPerTib", recommended.fsx_throughput_per_tib)

@@ -120,6 +120,10 @@ MEMORY_HEADROOM = 0.10
 WEIGHT_BYTES = 2
 GRAD_BYTES = 4
 OPTIMIZER_BYTES = 12
+# FP8 training: Transformer Engine keeps an FP8 copy of each weight for the forward GEMM and a transposed
+# one for the backward (Hopper's FP8 GEMMs need both layouts; TE docs, "FP8 primer: handling transposes"),
+# next to the 16-bit weights, for frozen LoRA bases too.
+FP8_WEIGHT_COPY_BYTES = 2
 # LoRA adapters train with the plain (unsharded) optimizer in NeMo's recipes (use_distributed_optimizer=False).
 ADAPTER_BYTES = WEIGHT_BYTES + GRAD_BYTES + OPTIMIZER_BYTES
 # A NeMo distributed checkpoint stores 16-bit weights and the fp32 optimizer state (no gradients).
@@ -412,13 +416,14 @@ def memory_breakdown(request: TrainingRequest, tp: int, pp: int, cp: int, dp: in
     embedding_here = model.embedding_params * (2 if pp == 1 else 1)
     params_here = (layers_here * model.params_per_layer + embedding_here) // tp
 
+    weight_bytes = WEIGHT_BYTES + (FP8_WEIGHT_COPY_BYTES if request.precision == "fp8" else 0)
     if request.method == "sft":
-        weights = params_here * WEIGHT_BYTES
+        weights = params_here * weight_bytes
         gradients = params_here * GRAD_BYTES
         optimizer = params_here * OPTIMIZER_BYTES // (dp * cp)  # distributed optimizer
         adapters = 0
     else:
-        weights = params_here * WEIGHT_BYTES  # frozen base: weights only
+        weights = params_here * weight_bytes  # frozen base: weights only
         gradients = optimizer = 0
         adapters = layers_here * model.lora_params_per_layer(request.lora_rank) // tp * ADAPTER_BYTES
 
@@ -468,9 +473,11 @@ def flops_per_token(model: ModelSpec, seq_length: int, method: str) -> float:
 EFFICIENCY = _fit_efficiency()
 
 
-def recompute_overhead(recompute: str) -> float:
-    # Full recomputation runs every layer's forward twice: 4 passes' worth of work instead of 3.
-    return 4 / 3 if recompute == "full" else 1.0
+def recompute_overhead(recompute: str, method: str) -> float:
+    """Full recomputation runs every layer's forward a second time. A full step is three forward-sized passes
+    (forward, input gradients, weight gradients); a LoRA step skips the frozen weight gradients, so two."""
+    passes = 3 if method == "sft" else 2
+    return (passes + 1) / passes if recompute == "full" else 1.0
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -485,17 +492,23 @@ def storage_plan(request: TrainingRequest) -> StoragePlan:
         checkpoint = model.layers * model.lora_params_per_layer(request.lora_rank) * CHECKPOINT_BYTES_PER_PARAM
     kept = request.checkpoints_kept + 1  # save_top_k plus the "last" checkpoint
     base = model.params * WEIGHT_BYTES * 2  # the Hugging Face download and its NeMo import
-    export = model.params * WEIGHT_BYTES * 2  # merged Hugging Face export and the serving engine
+    # The Hugging Face export and the serving engine; LoRA first merges into a full NeMo checkpoint too.
+    export = model.params * WEIGHT_BYTES * (3 if request.method == "lora" else 2)
     dataset = (request.dataset_tokens or 0) * DATASET_BYTES_PER_TOKEN
     needed = int((checkpoint * kept + base + export + dataset) * 1.2)  # 20% free: Lustre slows when full
-    capacity = 1200 if needed <= 1200 * GIB else math.ceil(needed / (2400 * GIB)) * 2400
+    capacity = smallest_fsx_capacity(needed)
     # Throughput: write one checkpoint within CHECKPOINT_WRITE_SECONDS; more capacity buys more throughput.
     need_mb_s = checkpoint / 1e6 / CHECKPOINT_WRITE_SECONDS
     while True:
         for per_tib in (125, 250, 500, 1000):
             if capacity / 1024 * per_tib >= need_mb_s:
                 return StoragePlan(checkpoint, kept, base, export, dataset, needed, capacity, per_tib)
-        capacity += 2400
+        capacity = 2400 if capacity == 1200 else capacity + 2400
+
+
+def smallest_fsx_capacity(needed_bytes: int) -> int:
+    """The smallest PERSISTENT_2 step (1200, 2400, then multiples of 2400 GiB) that holds ``needed_bytes``."""
+    return 1200 if needed_bytes <= 1200 * GIB else math.ceil(needed_bytes / (2400 * GIB)) * 2400
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -552,7 +565,9 @@ def serving_plan(model: ModelSpec, instance: InstanceType, max_seq_length: int, 
 
 def _tp_candidates(request: TrainingRequest) -> list[int]:
     model, gpn = request.model, request.instance.gpus
-    options = [t for t in (1, 2, 4, 8) if t <= gpn and model.heads % t == 0 and model.kv_heads % t == 0]
+    # Sequence parallelism (on whenever TP > 1) splits the sequence across the TP ranks.
+    options = [t for t in (1, 2, 4, 8) if t <= gpn and model.heads % t == 0 and model.kv_heads % t == 0
+               and request.seq_length % t == 0]
     return [request.tp] if request.tp else options
 
 
@@ -568,6 +583,12 @@ def _cp_candidates(request: TrainingRequest) -> list[int]:
 
 def validate_request(request: TrainingRequest) -> None:
     model, instance = request.model, request.instance
+    for name, value in (("micro_batch_size", request.micro_batch_size), ("global_batch_size", request.global_batch_size),
+                        ("lora_rank", request.lora_rank), ("tp", request.tp), ("pp", request.pp), ("nodes", request.nodes)):
+        if value is not None and value < 1:
+            raise SizingError(f"{name.replace('_', ' ')} {value}: must be at least 1", name)
+    if request.epochs <= 0:
+        raise SizingError(f"epochs {request.epochs}: must be more than 0", "epochs")
     if request.method not in METHODS:
         raise SizingError(f"method {request.method!r}: allowed {', '.join(METHODS)}", "method")
     if request.precision not in PRECISIONS:
@@ -588,6 +609,9 @@ def validate_request(request: TrainingRequest) -> None:
             raise SizingError(f"TP {request.tp} must divide {model.display}'s {model.heads} attention heads and "
                               f"{model.kv_heads} KV heads and stay within one {instance.name} ({instance.gpus} GPUs); "
                               f"nearest: TP {near}", "tp")
+    if request.tp is not None and request.tp > 1 and request.seq_length % request.tp:
+        raise SizingError(f"sequence length {request.seq_length} must be a multiple of TP {request.tp} (sequence "
+                          f"parallelism splits it); nearest: {request.seq_length // request.tp * request.tp}", "seq_length")
     if request.pp is not None and (request.pp < 1 or not pipeline_split_valid(model, request.pp)):
         near = min((p for p in (1, 2, 4, 8, 16) if pipeline_split_valid(model, p)), key=lambda p: abs(p - request.pp))
         raise SizingError(f"PP {request.pp} cannot split {model.display}'s {model.layers} layers evenly; nearest: PP {near}",
@@ -604,6 +628,8 @@ def _candidates(request: TrainingRequest, nodes: int) -> Iterable[Parallelism]:
         for tp in _tp_candidates(request):
             for pp in _pp_candidates(request):
                 for cp in _cp_candidates(request):
+                    if cp > 1 and request.seq_length % (2 * cp * tp):
+                        continue  # context parallelism splits each sequence into 2 x CP chunks, then TP
                     mp = tp * pp * cp
                     if gpus % mp:
                         continue
@@ -623,7 +649,7 @@ def _finish(request: TrainingRequest, par: Parallelism, memory: MemoryBreakdown,
     efficiency = EFFICIENCY[(instance.gpu_arch, request.precision, request.method)]
     per_token = flops_per_token(model, request.seq_length, request.method)
     peak = catalog.GPU_PEAK_TFLOPS[instance.gpu_model][request.precision] * 1e12
-    tokens_per_sec = peak * efficiency / per_token / recompute_overhead(par.recompute)
+    tokens_per_sec = peak * efficiency / per_token / recompute_overhead(par.recompute, request.method)
     training_tokens = int(request.dataset_tokens * request.epochs) if request.dataset_tokens else None
     hours = cost = None
     if training_tokens:
@@ -634,6 +660,22 @@ def _finish(request: TrainingRequest, par: Parallelism, memory: MemoryBreakdown,
     all_reasons = list(reasons) + ([serving.reason] if not serving.fits else [])
     return SizingPlan(request, par, memory, fits, tuple(all_reasons), per_token, efficiency, tokens_per_sec,
                       training_tokens, hours, cost, storage_plan(request), serving, nearest)
+
+
+def _no_layout(request: TrainingRequest) -> SizingError:
+    """Say which setting leaves no layout: a fixed TP, PP or node count, or else the batch sizes."""
+    gpn = request.instance.gpus
+    node_counts = [request.nodes] if request.nodes else list(range(1, MAX_NODES + 1))
+    shapes = [t * p for t in _tp_candidates(request) for p in _pp_candidates(request)]
+    if not any((n * gpn) % shape == 0 for n in node_counts for shape in shapes):
+        fixed = [(name, value) for name, value in (("pp", request.pp), ("tp", request.tp), ("nodes", request.nodes)) if value]
+        name, value = fixed[0] if fixed else ("nodes", request.nodes)
+        return SizingError(f"{name.upper() if name != 'nodes' else 'nodes'} {value}: no TP x PP layout of "
+                           f"{request.nodes or 'any number of'} x {request.instance.name} ({gpn} GPUs each) fits "
+                           f"TP {request.tp or 'any'} x PP {request.pp or 'any'}", name)
+    return SizingError(f"global batch size {request.global_batch_size}: no data-parallel size of "
+                       f"{request.nodes or 'up to ' + str(MAX_NODES)} x {request.instance.name} divides it by "
+                       f"micro-batch {request.micro_batch_size}; use a power of two", "global_batch_size")
 
 
 def _does_not_fit(request: TrainingRequest, par: Parallelism, memory: MemoryBreakdown) -> str:
@@ -659,9 +701,7 @@ def plan(request: TrainingRequest, *, find_nearest: bool = True) -> SizingPlan:
             if tightest is None or memory.total < tightest[1].total:
                 tightest = (par, memory)
     if tightest is None:
-        raise SizingError(f"no TP x PP x DP layout of {request.nodes or 'up to ' + str(MAX_NODES)} x "
-                          f"{request.instance.name} divides the global batch size {request.global_batch_size} "
-                          f"by micro-batch {request.micro_batch_size}", "global_batch_size")
+        raise _no_layout(request)
     par, memory = tightest
     nearest = _nearest_working(request) if find_nearest else ""
     return _finish(request, par, memory, (_does_not_fit(request, par, memory),), nearest)
@@ -706,7 +746,7 @@ class SeedCheck:
     gpus: int
     instance_type: str  # the instance type whose GPUs match the row's GPU memory
     holds: bool
-    planner_min_gpus: int  # smallest TP x PP the planner needs on that instance type
+    planner_min_gpus: int  # smallest group (TP x PP, no data parallelism) that fits on that instance type
     detail: str
 
 
@@ -720,8 +760,10 @@ def check_seed_table(seq_length: int = 4096) -> list[SeedCheck]:
                             if catalog.get(n).gpu_model == instance.gpu_model and catalog.get(n).gpu_memory_gib == gpu_gib)
         model = model_for(variant)
         for method in METHODS:
-            best = plan(TrainingRequest(model, method, instance, seq_length=seq_length, global_batch_size=128))
-            min_gpus = best.parallelism.model_parallel if best.memory.fits else 0
+            # The table counts a group of GPUs that holds the model on its own (no data parallelism to shard
+            # the optimizer over): the planner's smallest such group, up to 64 nodes.
+            min_gpus = next((g for g in (2**k for k in range(10)) if g <= MAX_NODES * instance.gpus
+                             and _fits_on_gpus(model, method, instance, g, seq_length)), 0)
             fixed = _fits_on_gpus(model, method, instance, gpus, seq_length)
             if fixed is not None:
                 p = fixed.parallelism

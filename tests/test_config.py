@@ -21,8 +21,8 @@ def test_defaults_of_a_minimal_config():
     assert cfg.cluster.public_endpoint is False and cfg.cluster.log_types[0] == "api"
     assert cfg.system_nodes.instance_type == catalog.SYSTEM_INSTANCE_TYPE
     group = cfg.gpu_node_groups[0]
-    # 7B LoRA: one training node plus one serving node per replica (2 by default): a new run never waits.
-    assert (group.min_size, group.desired_size, group.max_size) == (0, 0, 3)
+    # 7B LoRA: one training node plus one node for the serving replicas (2 x 1 GPU): a new run never waits.
+    assert (group.min_size, group.desired_size, group.max_size) == (0, 0, 2)
     assert group.availability_zone == "us-east-1a" and group.capacity_type == "ON_DEMAND"
     assert group.uses_placement_group
     assert cfg.storage.fsx_availability_zone == "us-east-1a"
