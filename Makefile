@@ -23,6 +23,15 @@ $(VENV)/.installed: requirements.txt requirements-dev.txt
 
 venv: $(VENV)/.installed
 
+# checkov pins its own dependency versions (older `packaging`, among others), so it gets a virtualenv of
+# its own instead of breaking the program's.
+TOOLS_VENV := .venv-tools
+$(TOOLS_VENV)/.installed: requirements-tools.txt
+	test -x $(TOOLS_VENV)/bin/python || $(PYTHON) -m venv $(TOOLS_VENV)
+	$(TOOLS_VENV)/bin/python -m pip install --quiet --upgrade pip
+	$(TOOLS_VENV)/bin/python -m pip install --quiet -r requirements-tools.txt
+	touch $@
+
 plan: venv
 	$(PY) -m tools.synth $(STACK)
 
@@ -30,7 +39,7 @@ plan-all: venv
 	@for stack in $$(ls stacks | sed -n 's/^Pulumi\.\(.*\)\.yaml$$/\1/p'); do \
 		$(PY) -m tools.synth $$stack || exit 1; done
 
-test: venv
+test: venv $(TOOLS_VENV)/.installed
 	$(PY) -m pytest
 
 sizing: venv

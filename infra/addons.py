@@ -111,14 +111,13 @@ class Addons(pulumi.ComponentResource):
             tags=tags, opts=pulumi.ResourceOptions(parent=self, depends_on=[args.system_nodes, pod_identity_agent]))
 
         k8s_opts = pulumi.ResourceOptions(parent=self, provider=args.provider, depends_on=[args.system_nodes])
-        k8s.helm.v3.Release(
+        self.device_plugins = [k8s.helm.v3.Release(
             f"{name}-nvidia-device-plugin", name="nvidia-device-plugin", chart="nvidia-device-plugin",
             version=cfg.nvidia_device_plugin_version, repository_opts={"repo": NVIDIA_DEVICE_PLUGIN_REPO},
-            namespace=DEVICE_PLUGIN_NAMESPACE, values=nvidia_device_plugin_values(), opts=k8s_opts)
-        k8s.helm.v3.Release(
+            namespace=DEVICE_PLUGIN_NAMESPACE, values=nvidia_device_plugin_values(), opts=k8s_opts), k8s.helm.v3.Release(
             f"{name}-efa-device-plugin", name="aws-efa-k8s-device-plugin", chart="aws-efa-k8s-device-plugin",
             version=cfg.efa_device_plugin_version, repository_opts={"repo": EKS_CHARTS_REPO},
-            namespace=DEVICE_PLUGIN_NAMESPACE, values=efa_device_plugin_values(), opts=k8s_opts)
+            namespace=DEVICE_PLUGIN_NAMESPACE, values=efa_device_plugin_values(), opts=k8s_opts)]
 
         # Pinned, vendored manifests (infra/vendor/README.md): no network fetch at preview, a reviewable diff
         # on upgrade. Kubeflow ships no Helm chart for the v1 operator.

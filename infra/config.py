@@ -118,6 +118,7 @@ KEYS: tuple[Key, ...] = (
     Key("images.nemo", "string", images.DEFAULT_NEMO_IMAGE, "a NeMo Framework image pinned by tag, " + ", ".join(images.NEMO_CONTAINERS), "Image of the fine-tuning, export and evaluation pods."),
     Key("images.triton", "string", images.DEFAULT_TRITON_IMAGE, "a Triton <yy.mm>-trtllm-python-py3 image pinned by tag; <= 26.07 for the engine backend", "Image that builds the engine and serves it (the same tag for both, by construction)."),
     Key("ngcApiKey", "string", None, "a Pulumi secret (`pulumi config set --secret nemo-eks:ngcApiKey ...`)", "NGC API key: creates the nvcr.io pull secret every NGC pod uses. Unset: the nodes pull anonymously."),
+    Key("hfToken", "string", None, "a Pulumi secret (`pulumi config set --secret nemo-eks:hfToken ...`)", "Hugging Face token for gated base models such as Llama: a Kubernetes secret the preparing pod reads."),
     Key("serving.backend", "string", "engine", ", ".join(images.BACKENDS), "engine: TensorRT-LLM engine built by the conversion Job; llmapi: TensorRT-LLM's PyTorch backend on the exported checkpoint."),
     Key("serving.minReplicas", "integer", 1, ">= 1", "Fewest Triton replicas."),
     Key("serving.maxReplicas", "integer", 2, ">= minReplicas", "Most Triton replicas the autoscaler may run; the GPU group is sized for them."),
@@ -230,7 +231,8 @@ class PipelineConfig:
     wait_for_completion: bool
     timeout_minutes: int
     service_monitor: bool
-    ngc_api_key: str | None = field(default=None, repr=False)  # a secret: declared only as a Pulumi secret
+    ngc_api_key: str | None = field(default=None, repr=False)  # secrets: declared only as Pulumi secrets
+    hf_token: str | None = field(default=None, repr=False)
 
 
 @dataclass(frozen=True)
@@ -765,11 +767,13 @@ def _load_pipeline(root: _Section, workload: _Workload, secret_keys: Sequence[st
         raise ConfigError(i.where("triton"), triton_image, str(error),
                           f"serving.backend is {workload.backend}") from None
     i.finish()
-    ngc_key = root.get("ngcApiKey")
-    if ngc_key is not None and f"{PROJECT}:ngcApiKey" not in secret_keys:
-        # Never echo the value: it is a credential that was meant to be encrypted.
-        raise ConfigError(root.where("ngcApiKey"), "<plain text>", _KEYS_BY_PATH["ngcApiKey"].allowed,
-                          "Plain text would end up in the stack file and the state")
+    credentials = {}
+    for name in ("ngcApiKey", "hfToken"):
+        credentials[name] = root.get(name)
+        if credentials[name] is not None and f"{PROJECT}:{name}" not in secret_keys:
+            # Never echo the value: it is a credential that was meant to be encrypted.
+            raise ConfigError(root.where(name), "<plain text>", _KEYS_BY_PATH[name].allowed,
+                              "Plain text would end up in the stack file and the state")
     enabled, wait, timeout = p.get("enabled"), p.get("waitForCompletion"), p.get("timeoutMinutes")
     _check(10 <= timeout <= 10080, p.where("timeoutMinutes"), timeout, "10..10080")
     p.finish()
@@ -777,7 +781,8 @@ def _load_pipeline(root: _Section, workload: _Workload, secret_keys: Sequence[st
     m.finish()
     return PipelineConfig(enabled, dataset, workload.max_steps, workload.learning_rate, nemo_image, triton_image,
                           workload.backend, workload.min_replicas, workload.max_replicas,
-                          workload.target_queue_time_ms, wait, timeout, service_monitor, ngc_key)
+                          workload.target_queue_time_ms, wait, timeout, service_monitor, credentials["ngcApiKey"],
+                          credentials["hfToken"])
 
 
 def _load_addons(s: _Section) -> AddonsConfig:

@@ -83,8 +83,12 @@ def check_triton(reference: str, backend: str) -> Image:
     if not image.tag.endswith("-trtllm-python-py3"):
         raise ImageError("a Triton TensorRT-LLM image, tag <yy.mm>-trtllm-python-py3")
     if image.release not in TRITON_TRTLLM:
-        if backend == "llmapi" and image.release and image.release > max(TRITON_TRTLLM):
+        newer = bool(image.release) and image.release > max(TRITON_TRTLLM)
+        if newer and backend == "llmapi":
             return image  # newer than the table: TensorRT-LLM >= 1.2.1, whose PyTorch backend llmapi uses
+        if newer:
+            raise ImageError(f"for the engine backend, TensorRT-LLM <= {LAST_ENGINE_TRTLLM} (Triton <= 26.07); "
+                             "later releases build no engines: use serving.backend llmapi with them")
         raise ImageError(f"a Triton release with TensorRT-LLM 1.x: {', '.join(TRITON_TRTLLM)}"
                          + (" or newer for the llmapi backend" if backend == "llmapi" else ""))
     if backend == "engine" and _version_tuple(TRITON_TRTLLM[image.release]) > _version_tuple(LAST_ENGINE_TRTLLM):

@@ -1,4 +1,5 @@
-"""The whole stack: config -> network -> cluster -> GPU nodes, storage, identity -> add-ons -> exports."""
+"""The whole stack: config -> network -> cluster -> GPU nodes, storage, identity -> add-ons -> pipeline ->
+exports."""
 
 from __future__ import annotations
 
@@ -41,12 +42,26 @@ def build(cfg: StackConfig) -> dict[str, Any]:
     identity = WorkloadIdentity(f"{prefix}-identity", IdentityArgs(
         cluster_name=cluster.name, namespace=cfg.namespace,
         bucket_arns={kind: bucket.arn for kind, bucket in storage.buckets.items()}, tags=tags))
-    Addons(f"{prefix}-addons", AddonsArgs(
+    addons = Addons(f"{prefix}-addons", AddonsArgs(
         cfg.addons, prefix, cfg.namespace, cluster_name=cluster.name, provider=cluster.provider,
         system_nodes=cluster.system_nodes, fsx_csi_role_arn=identity.fsx_csi_role.arn,
         file_system=storage.file_system, tags=tags))
 
+    outputs: dict[str, Any] = {}
+    if cfg.pipeline.enabled:
+        from workloads import runconfig
+        from workloads.pipeline import Pipeline, PipelineArgs
+
+        node_groups = {group.name: component.node_group for group, component in zip(cfg.gpu_node_groups, gpu_groups)}
+        Pipeline(f"{prefix}-pipeline", PipelineArgs(
+            cfg, provider=cluster.provider, namespace=addons.namespace,
+            service_accounts=list(addons.service_accounts.values()), fsx_claim=addons.fsx_claim,
+            training_operator=addons.training_operator, device_plugins=addons.device_plugins,
+            training_nodes=node_groups[cfg.training_node_group], serving_nodes=node_groups[cfg.serving_node_group]))
+        outputs = {"runId": runconfig.run_id(cfg), "servingId": runconfig.serving_id(cfg)}
+
     return {
+        **outputs,
         "clusterName": cluster.name,
         "kubeconfig": pulumi.Output.secret(cluster.cluster.kubeconfig_json),
         "vpcId": network.vpc_id,

@@ -30,10 +30,11 @@ def synth_stack(stack: str) -> synth.Synth:
     return _cache[stack]
 
 
-def synth_config(name: str, overrides: dict[str, Any], stack: str = "test") -> synth.Synth:
+def synth_config(name: str, overrides: dict[str, Any], stack: str = "test",
+                 secret_keys: list[str] | None = None) -> synth.Synth:
     key = f"{stack}/{name}"
     if key not in _cache:
-        _cache[key] = synth.synthesize(stack, raw_config(overrides))
+        _cache[key] = synth.synthesize(stack, raw_config(overrides), secret_keys)
     return _cache[key]
 
 

@@ -130,6 +130,7 @@ class Registration:
     protect: bool
     retain_on_delete: bool
     provider: str | None
+    options: dict[str, Any] = field(default_factory=dict)  # delete-before-replace, replace-on-changes, timeouts
 
 
 def _make_mocks():
@@ -157,10 +158,24 @@ def _make_mocks():
                 depends_on=list(dict.fromkeys([*request.dependencies,
                                                *(u for deps in request.propertyDependencies.values() for u in deps.urns)])),
                 inputs=_readable(inputs), custom=bool(request.custom), protect=bool(request.protect),
-                retain_on_delete=bool(request.retainOnDelete), provider=request.provider or None))
+                retain_on_delete=bool(request.retainOnDelete), provider=request.provider or None,
+                options=_options(request)))
             return response
 
     return PlanMocks, RecordingMonitor
+
+
+def _options(request) -> dict[str, Any]:
+    options: dict[str, Any] = {}
+    if request.deleteBeforeReplace:
+        options["deleteBeforeReplace"] = True
+    if list(request.replaceOnChanges):
+        options["replaceOnChanges"] = list(request.replaceOnChanges)
+    timeouts = {k: getattr(request.customTimeouts, k) for k in ("create", "update", "delete")
+                if request.HasField("customTimeouts") and getattr(request.customTimeouts, k)}
+    if timeouts:
+        options["customTimeouts"] = timeouts
+    return options
 
 
 def _readable(value: Any) -> Any:
@@ -219,6 +234,7 @@ class Synth:
                 "dependsOn": sorted({self.name_of(u) for u in r.depends_on}),
                 **({"protect": True} if r.protect else {}),
                 **({"retainOnDelete": True} if r.retain_on_delete else {}),
+                **({"options": r.options} if r.options else {}),
                 "inputs": r.inputs,
             } for r in self.registrations],
             "outputs": self.outputs,

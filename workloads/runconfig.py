@@ -92,8 +92,19 @@ def run_paths(cfg: StackConfig) -> RunPaths:
     return RunPaths(run_id(cfg), serving_id(cfg), cfg.pipeline.dataset, cfg.hf_model_id)
 
 
+TRAINING_PATHS = ("dataset_dir", "base_hf_dir", "base_nemo_dir", "run_dir", "data_dir", "nemo_log_dir",
+                  "prepared_marker", "training_marker")
+
+
+def training_document(cfg: StackConfig) -> dict[str, Any]:
+    """run.json of the training pods: the training part only, so a new serving shape leaves the job alone."""
+    paths = run_paths(cfg).as_dict()
+    return {"schema": SCHEMA_VERSION, "stack": cfg.stack, "run_id": run_id(cfg),
+            "training": training_section(cfg), "paths": {k: paths[k] for k in TRAINING_PATHS}}
+
+
 def run_document(cfg: StackConfig) -> dict[str, Any]:
-    """The whole run.json."""
+    """run.json of the conversion and serving pods: everything."""
     return {
         "schema": SCHEMA_VERSION,
         "stack": cfg.stack,

@@ -1,0 +1,188 @@
+"""The pipeline on Kubernetes: training PyTorchJob -> conversion Job -> Triton, with their ConfigMaps and
+secrets, declared in dependency order. The builders in training.py, conversion.py and serving.py make the
+manifests; this component only declares them."""
+
+from __future__ import annotations
+
+import base64
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import pulumi
+import pulumi_kubernetes as k8s
+
+from infra import catalog
+from infra.config import StackConfig
+from infra.identity import WORKLOADS
+from workloads import conversion, pods, runconfig, serving, training
+
+ENTRYPOINTS = Path(__file__).parent / "entrypoints"
+
+
+def entrypoint_files() -> dict[str, str]:
+    """Every module the pods run, as ConfigMap data: the stock NGC images need no custom build."""
+    return {path.name: path.read_text() for path in sorted(ENTRYPOINTS.glob("*.py")) if path.name != "__init__.py"}
+
+
+def configmap_manifest(name: str, namespace: str, data: Mapping[str, str], component: str) -> dict[str, Any]:
+    return {"apiVersion": "v1", "kind": "ConfigMap",
+            "metadata": {"name": name, "namespace": namespace, "labels": pods.labels(component)}, "data": dict(data)}
+
+
+def docker_config_json(api_key: str) -> str:
+    """nvcr.io credentials in the format of a kubernetes.io/dockerconfigjson Secret (user $oauthtoken)."""
+    auth = base64.b64encode(f"$oauthtoken:{api_key}".encode()).decode()
+    return json.dumps({"auths": {"nvcr.io": {"username": "$oauthtoken", "password": api_key, "auth": auth}}})
+
+
+@dataclass(frozen=True)
+class Names:
+    """Kubernetes names of one run; each carries the id of what determines its content."""
+
+    training_job: str
+    training_configmap: str
+    conversion_job: str
+    serving_configmap: str
+    deployment: str = "triton"
+
+
+def names(cfg: StackConfig) -> Names:
+    run, serving_hash = runconfig.run_id(cfg), runconfig.serving_id(cfg).rsplit("-", 1)[1]
+    return Names(training_job=f"train-{run}", training_configmap=f"train-{run}",
+                 conversion_job=f"convert-{run}-{serving_hash}", serving_configmap=f"serve-{run}-{serving_hash}")
+
+
+def manifests(cfg: StackConfig) -> dict[str, dict[str, Any]]:
+    """Every pipeline manifest of the stack, by role (without the secrets, whose data only Pulumi holds)."""
+    n, paths = names(cfg), runconfig.run_paths(cfg)
+    plan, pipeline, ns = cfg.sizing, cfg.pipeline, cfg.namespace
+    training_instance = plan.request.instance
+    serving_instance = catalog.get(plan.serving.instance_type)
+    wait_seconds = pipeline.timeout_minutes * 60
+    run = runconfig.run_id(cfg)
+    build_gpus = plan.serving.world_size if pipeline.serving_backend == "engine" else 0
+    training_spec = training.TrainingSpec(
+        name=n.training_job, namespace=ns, run_id=run, image=pipeline.nemo_image, instance=training_instance,
+        nodes=plan.parallelism.nodes, node_group=cfg.training_node_group,
+        service_account=WORKLOADS["training"].service_account, run_configmap=n.training_configmap,
+        prepared_marker=str(paths.prepared_marker), wait_seconds=wait_seconds,
+        ngc_pull_secret=pipeline.ngc_api_key is not None, hf_token=pipeline.hf_token is not None,
+        await_completion=pipeline.wait_for_completion)
+    conversion_spec = conversion.ConversionSpec(
+        name=n.conversion_job, namespace=ns, run_id=run, serving_id=paths.serving_id,
+        nemo_image=pipeline.nemo_image, triton_image=pipeline.triton_image, instance=serving_instance,
+        gpus=build_gpus, model_params=plan.model.params, node_group=cfg.serving_node_group,
+        service_account=WORKLOADS["conversion"].service_account, run_configmap=n.serving_configmap,
+        training_marker=str(paths.training_marker), wait_seconds=wait_seconds,
+        ngc_pull_secret=pipeline.ngc_api_key is not None, await_completion=pipeline.wait_for_completion)
+    serving_spec = serving.ServingSpec(
+        name=n.deployment, namespace=ns, run_id=run, serving_id=paths.serving_id, image=pipeline.triton_image,
+        instance=serving_instance, world_size=plan.serving.world_size, node_group=cfg.serving_node_group,
+        service_account=WORKLOADS["serving"].service_account, run_configmap=n.serving_configmap,
+        conversion_marker=str(paths.conversion_marker), wait_seconds=wait_seconds,
+        ngc_pull_secret=pipeline.ngc_api_key is not None, min_replicas=pipeline.min_replicas,
+        max_replicas=pipeline.max_replicas, target_queue_time_ms=pipeline.target_queue_time_ms)
+    result = {
+        "entrypoints": configmap_manifest(pods.ENTRYPOINTS_CONFIGMAP, ns, entrypoint_files(), "pipeline"),
+        "training_config": configmap_manifest(
+            n.training_configmap, ns, {"run.json": json.dumps(runconfig.training_document(cfg), indent=2)}, "training"),
+        "serving_config": configmap_manifest(
+            n.serving_configmap, ns, {"run.json": json.dumps(runconfig.run_document(cfg), indent=2)}, "serving"),
+        "training": training.pytorchjob_manifest(training_spec),
+        "conversion": conversion.job_manifest(conversion_spec),
+        "deployment": serving.deployment_manifest(serving_spec),
+        "service": serving.service_manifest(serving_spec),
+        "disruption_budget": serving.disruption_budget_manifest(serving_spec),
+        "autoscaler": serving.autoscaler_manifest(serving_spec),
+    }
+    if cfg.pipeline.service_monitor:
+        result["service_monitor"] = serving.service_monitor_manifest(serving_spec)
+    return result
+
+
+@dataclass(frozen=True)
+class PipelineArgs:
+    config: StackConfig
+    provider: k8s.Provider
+    namespace: pulumi.Resource
+    service_accounts: Sequence[pulumi.Resource]
+    fsx_claim: pulumi.Resource
+    training_operator: pulumi.Resource
+    device_plugins: Sequence[pulumi.Resource]
+    training_nodes: pulumi.Resource
+    serving_nodes: pulumi.Resource
+
+
+class Pipeline(pulumi.ComponentResource):
+    training_job: k8s.apiextensions.CustomResource
+    conversion_job: k8s.batch.v1.Job
+    deployment: k8s.apps.v1.Deployment
+
+    def __init__(self, name: str, args: PipelineArgs, opts: pulumi.ResourceOptions | None = None):
+        super().__init__("nemo-eks:workloads:Pipeline", name, None, opts)
+        cfg = args.config
+        m = manifests(cfg)
+        timeouts = pulumi.CustomTimeouts(create=f"{cfg.pipeline.timeout_minutes}m",
+                                         update=f"{cfg.pipeline.timeout_minutes}m") if cfg.pipeline.wait_for_completion else None
+
+        def opts_after(*deps: pulumi.Resource, **extra: Any) -> pulumi.ResourceOptions:
+            return pulumi.ResourceOptions(parent=self, provider=args.provider, depends_on=[args.namespace, *deps], **extra)
+
+        def configmap(key: str, logical: str) -> k8s.core.v1.ConfigMap:
+            return k8s.core.v1.ConfigMap(f"{name}-{logical}", metadata=m[key]["metadata"], data=m[key]["data"],
+                                         opts=opts_after())
+
+        secrets: list[pulumi.Resource] = []
+        if cfg.pipeline.ngc_api_key is not None:
+            secrets.append(k8s.core.v1.Secret(
+                f"{name}-ngc-pull", type="kubernetes.io/dockerconfigjson",
+                metadata={"name": pods.NGC_PULL_SECRET, "namespace": cfg.namespace, "labels": pods.labels("pipeline")},
+                string_data={".dockerconfigjson": pulumi.Output.secret(cfg.pipeline.ngc_api_key).apply(docker_config_json)},
+                opts=opts_after()))
+        if cfg.pipeline.hf_token is not None:
+            secrets.append(k8s.core.v1.Secret(
+                f"{name}-hf-token", type="Opaque",
+                metadata={"name": pods.HF_TOKEN_SECRET, "namespace": cfg.namespace, "labels": pods.labels("pipeline")},
+                string_data={"token": pulumi.Output.secret(cfg.pipeline.hf_token)}, opts=opts_after()))
+        code = configmap("entrypoints", "entrypoints")
+        training_config = configmap("training_config", "training-config")
+        serving_config = configmap("serving_config", "serving-config")
+
+        job = m["training"]
+        # Training needs its GPU nodes, the FSx claim, the device plugins (GPUs and EFA interfaces are only
+        # schedulable once advertised) and the operator (the PyTorchJob kind and its webhook). A changed
+        # run id is a new job: the old one is deleted first so two runs never compete for the GPUs.
+        self.training_job = k8s.apiextensions.CustomResource(
+            f"{name}-training", api_version=job["apiVersion"], kind=job["kind"], metadata=job["metadata"],
+            spec=job["spec"],
+            opts=opts_after(args.training_nodes, args.fsx_claim, args.training_operator, *args.device_plugins,
+                            *args.service_accounts, code, training_config, *secrets,
+                            replace_on_changes=["spec"], delete_before_replace=True, custom_timeouts=timeouts))
+        convert = m["conversion"]
+        # Conversion exports what training wrote: in-cluster it waits for the training marker; for Pulumi it
+        # comes after the PyTorchJob (and, with waitForCompletion, after it succeeded).
+        self.conversion_job = k8s.batch.v1.Job(
+            f"{name}-conversion", metadata=convert["metadata"], spec=convert["spec"],
+            opts=opts_after(self.training_job, args.serving_nodes, code, serving_config, *secrets,
+                            delete_before_replace=True, custom_timeouts=timeouts))
+        deployment = m["deployment"]
+        # Triton serves what the conversion built: its pods wait for the conversion marker.
+        self.deployment = k8s.apps.v1.Deployment(
+            f"{name}-triton", metadata=deployment["metadata"], spec=deployment["spec"],
+            opts=opts_after(self.conversion_job, code, serving_config, *secrets))
+        after_triton = opts_after(self.deployment)
+        k8s.core.v1.Service(f"{name}-triton-service", metadata=m["service"]["metadata"], spec=m["service"]["spec"],
+                            opts=after_triton)
+        k8s.policy.v1.PodDisruptionBudget(f"{name}-triton-pdb", metadata=m["disruption_budget"]["metadata"],
+                                          spec=m["disruption_budget"]["spec"], opts=after_triton)
+        k8s.autoscaling.v2.HorizontalPodAutoscaler(f"{name}-triton-hpa", metadata=m["autoscaler"]["metadata"],
+                                                   spec=m["autoscaler"]["spec"], opts=after_triton)
+        if "service_monitor" in m:
+            monitor = m["service_monitor"]
+            k8s.apiextensions.CustomResource(
+                f"{name}-triton-monitor", api_version=monitor["apiVersion"], kind=monitor["kind"],
+                metadata=monitor["metadata"], spec=monitor["spec"], opts=after_triton)
+        self.register_outputs({"runId": runconfig.run_id(cfg), "servingId": runconfig.serving_id(cfg),
+                               "trainingJob": names(cfg).training_job})
