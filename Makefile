@@ -4,12 +4,12 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STACK ?= dev
 
-.PHONY: help venv plan plan-all test bench sizing docs clean
+.PHONY: help venv plan plan-all test bench sizing docs clean clean-all
 
 help:
 	@echo "make plan STACK=<name>   offline plan of stacks/Pulumi.<name>.yaml into build/<name>/"
 	@echo "make plan-all            offline plan of every stack file"
-	@echo "make test                unit, mock, schema and moto tests (what CI runs)"
+	@echo "make test                unit, mock, schema, moto and NeMo-environment tests (what CI runs)"
 	@echo "make sizing              the sizing matrix: every variant x method x GPU type (Markdown)"
 	@echo "make docs                rewrite README.md's generated tables (config keys, sizing)"
 	@echo "make bench               time the planner over the full matrix"
@@ -41,6 +41,7 @@ plan-all: venv
 
 test: venv $(TOOLS_VENV)/.installed
 	$(PY) -m pytest
+	bash tests/nemo/run.sh
 
 sizing: venv
 	@$(PY) -m infra.sizing --matrix
@@ -53,3 +54,6 @@ bench: venv
 
 clean:
 	rm -rf build .pytest_cache
+
+clean-all: clean
+	rm -rf $(VENV) $(TOOLS_VENV) .venv-nemo

@@ -56,6 +56,9 @@ def test_every_stack_file_plans(stack_synth, tmp_path):
     assert (target / "graph.mmd").read_text().startswith("graph LR")
     assert sorted(p.name for p in (target / "helm").iterdir()) == ["aws-efa-k8s-device-plugin.yaml", "nvidia-device-plugin.yaml"]
     assert len(list((target / "manifests").iterdir())) == len(stack_synth.manifests())
+    triton = sorted(str(p.relative_to(target / "triton")) for p in (target / "triton").rglob("*") if p.is_file())
+    assert triton == ["ensemble/config.pbtxt", "postprocessing/config.pbtxt", "preprocessing/config.pbtxt",
+                      "tensorrt_llm/config.pbtxt"]  # every stack serves an engine
 
 
 def test_plan_is_the_same_on_every_run():

@@ -5,8 +5,9 @@
 Writes ``build/<stack>/plan.json`` (every resource with its type, parent, dependencies and inputs as the
 provider would receive them), ``build/<stack>/manifests/`` (every Kubernetes object, one YAML file each),
 ``build/<stack>/helm/`` (each Helm release's chart, version and values), ``build/<stack>/sizing.json`` (the
-sizing plan every size comes from) and ``build/<stack>/graph.mmd`` (the dependency graph), and prints a
-preview-like summary.
+sizing plan every size comes from), ``build/<stack>/triton/`` (the model repository configuration the
+conversion Job writes) and ``build/<stack>/graph.mmd`` (the dependency graph), and prints a preview-like
+summary.
 
 The engine is Pulumi's own mock monitor: resources register exactly as under ``pulumi up``; a provider never
 runs, so a value AWS would compute (an id, an ARN, a DNS name) is written as ``<resource-name.property>``.
@@ -18,6 +19,7 @@ import argparse
 import importlib
 import json
 import re
+import shutil
 import sys
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field
@@ -204,6 +206,7 @@ class Synth:
     registrations: list[Registration]
     outputs: dict[str, Any]
     sizing: dict[str, Any] = field(default_factory=dict)
+    triton: dict[str, str] = field(default_factory=dict)  # the model repository configuration conversion writes
     by_urn: dict[str, Registration] = field(default_factory=dict)
 
     def __post_init__(self):
@@ -304,7 +307,15 @@ def synthesize(stack: str, config: Mapping[str, str] | None = None, secret_keys:
     run_in_runtime(run)
     # Registration order follows when inputs resolve; sorted by URN the plan is the same on every run.
     registrations = sorted(monitor.registrations, key=lambda r: (r.type != "pulumi:pulumi:Stack", r.urn))
-    return Synth(PROJECT, stack, registrations, outputs, cfg.sizing.to_dict())
+    return Synth(PROJECT, stack, registrations, outputs, cfg.sizing.to_dict(), model_repository(cfg))
+
+
+def model_repository(cfg) -> dict[str, str]:
+    """Every config.pbtxt (engine backend) or model.yaml (llmapi) the stack's conversion Job will write."""
+    from workloads import runconfig
+    from workloads.entrypoints import triton_repo
+
+    return triton_repo.model_repository_files(runconfig.run_document(cfg)) if cfg.pipeline.enabled else {}
 
 
 # --------------------------------------------------------------------------------------------------
@@ -349,6 +360,13 @@ def write(synth: Synth, out: Path) -> Path:
         (manifests_dir / manifest_filename(index, obj)).write_text(yaml.safe_dump(obj, sort_keys=False))
     for release in synth.helm_releases():
         (helm_dir / f"{_slug(release.get('name', 'release'))}.yaml").write_text(yaml.safe_dump(release, sort_keys=False))
+    triton_dir = target / "triton"
+    if triton_dir.exists():
+        shutil.rmtree(triton_dir)
+    for relative, text in synth.triton.items():
+        path = triton_dir / relative
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text)
     (target / "graph.mmd").write_text(mermaid(synth))
     return target
 
@@ -384,7 +402,8 @@ def main(argv: list[str] | None = None) -> int:
     target = write(synth, args.out)
     print(summary(synth))
     print(f"\nWrote {target.relative_to(ROOT) if target.is_relative_to(ROOT) else target}/: plan.json, sizing.json, "
-          f"{len(synth.manifests())} manifests, {len(synth.helm_releases())} Helm releases, graph.mmd")
+          f"{len(synth.manifests())} manifests, {len(synth.helm_releases())} Helm releases, "
+          f"{len(synth.triton)} model repository files, graph.mmd")
     return 0
 
 

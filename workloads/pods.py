@@ -10,7 +10,7 @@ from typing import Any, Mapping, Sequence
 from infra.addons import FSX_CLAIM_NAME
 from infra.catalog import InstanceType
 from infra.gpu_nodes import NODE_GROUP_LABEL, gpu_tolerations
-from workloads.entrypoints.layout import ENTRYPOINTS_DIR, FSX_MOUNT, RUN_CONFIG_DIR
+from workloads.entrypoints.layout import ENTRYPOINTS_DIR, FSX_MOUNT, RUN_CONFIG_DIR, failure_marker
 
 PART_OF = "nemo-eks"
 ENTRYPOINTS_CONFIGMAP = "nemo-eks-entrypoints"
@@ -127,11 +127,11 @@ def container_security() -> dict[str, Any]:
 
 
 def wait_for_container(name: str, image: str, marker: str, timeout_seconds: int,
-                       mounts: Sequence[dict[str, Any]], failure_marker: str | None = None) -> dict[str, Any]:
-    """An init container that holds a stage until the previous stage's completion marker exists on FSx."""
-    args = [f"{ENTRYPOINTS_DIR}/wait_for.py", marker, "--timeout-seconds", str(timeout_seconds)]
-    if failure_marker:
-        args += ["--failure-marker", failure_marker]
+                       mounts: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """An init container that holds a stage until the previous stage's completion marker exists on FSx, and
+    fails at once when that stage leaves a failure marker instead (rather than waiting out the timeout)."""
+    args = [f"{ENTRYPOINTS_DIR}/wait_for.py", marker, "--timeout-seconds", str(timeout_seconds),
+            "--failure-marker", failure_marker(marker)]
     return {"name": name, "image": image, "command": ["python3"], "args": args,
             "resources": {"requests": {"cpu": "100m", "memory": "128Mi"}, "limits": {"cpu": "500m", "memory": "256Mi"}},
             "volumeMounts": list(mounts), "securityContext": {"allowPrivilegeEscalation": False,

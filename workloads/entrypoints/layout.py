@@ -33,6 +33,7 @@ RUN_CONFIG_FILE = RUN_CONFIG_DIR / "run.json"
 PREPARED_MARKER = "PREPARED"
 TRAINING_MARKER = "TRAINING_COMPLETE"
 CONVERSION_MARKER = "CONVERSION_COMPLETE"
+RUN_SCHEMA = 1  # workloads.runconfig.SCHEMA_VERSION; the pods cannot import it, a test keeps the two equal
 
 
 @dataclass(frozen=True)
@@ -120,3 +121,25 @@ def read_marker(path: str | os.PathLike) -> dict[str, Any] | None:
             return json.load(handle)
     except FileNotFoundError:
         return None
+
+
+def failure_marker(marker: str | os.PathLike) -> str:
+    """Where a stage records an error that a retry cannot fix (bad data, a config the image rejects), next to the
+    marker it would have written; the next stage's waiter (``wait_for.py --failure-marker``) fails fast on it
+    instead of waiting out its timeout. A stage removes its own failure marker when it starts again."""
+    return f"{os.fspath(marker)}.failed"
+
+
+def done_marker(directory: str | os.PathLike) -> str:
+    """A sibling file that says a directory is complete (a download, an import, an export): the directory itself
+    may be replaced wholesale, the marker is written only after it is."""
+    return f"{os.fspath(directory).rstrip('/')}.complete"
+
+
+def load_run(path: str | os.PathLike = RUN_CONFIG_FILE) -> dict[str, Any]:
+    """The run.json a pod was given; refuses a schema this code does not know rather than misreading it."""
+    with open(os.fspath(path), encoding="utf-8") as handle:
+        run = json.load(handle)
+    if run.get("schema") != RUN_SCHEMA:
+        raise ValueError(f"{os.fspath(path)}: run.json schema {run.get('schema')!r}, this code reads schema {RUN_SCHEMA}")
+    return run

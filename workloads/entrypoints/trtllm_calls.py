@@ -1,0 +1,62 @@
+"""Every TensorRT-LLM call the pipeline makes, in one place (it runs only inside the Triton TRT-LLM image).
+
+API: TensorRT-LLM 1.2.x, the last line with the TensorRT engine path (Triton 26.03-26.07 ship 1.2.0/1.2.1; the
+engine backend was removed after 1.2.1). The engine LLM is ``tensorrt_llm._tensorrt_engine.LLM`` (an alias of
+``tensorrt_llm.llmapi.llm._TrtLLM``); plain ``tensorrt_llm.LLM`` is the PyTorch backend in 1.x and cannot save
+an engine. References (NVIDIA/TensorRT-LLM):
+  - examples/llm-api/_tensorrt_engine/llm_quantization.py: QuantConfig(quant_algo=QuantAlgo.FP8,
+    kv_cache_quant_algo=QuantAlgo.FP8), CalibConfig(calib_dataset=..., calib_batches=..., calib_max_seq_length=...)
+  - examples/llm-api/_tensorrt_engine/llm_inference_customize.py: BuildConfig().max_batch_size/max_num_tokens,
+    LLM(model=..., build_config=..., kv_cache_config=KvCacheConfig(free_gpu_memory_fraction=...)), llm.save(dir)
+  - tensorrt_llm/llmapi/llm_args.py: CalibConfig fields device, calib_dataset ("name or local path"),
+    calib_batches, calib_batch_size, calib_max_seq_length, random_seed, tokenizer_max_seq_length
+  - tensorrt_llm/quantization/quantize_by_modelopt.py get_calib_dataloader: a local directory is read with
+    ``datasets.load_dataset(dir, split="train")`` and its ``text`` column
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+def tensorrt_llm_version() -> str:
+    import tensorrt_llm
+
+    return tensorrt_llm.__version__
+
+
+def build_and_save_engine(*, checkpoint_dir: str, engine_dir: str, tp: int, pp: int, max_batch_size: int,
+                          max_num_tokens: int, max_seq_len: int, fp8: bool, fp8_kv_cache: bool,
+                          calibration_dir: str | None, calibration_samples: int, calibration_max_seq_length: int,
+                          kv_cache_free_gpu_memory_fraction: float) -> dict[str, Any]:
+    """Build a TensorRT engine from a Hugging Face checkpoint directory and write it to ``engine_dir``
+    (config.json + rank<N>.engine per TP x PP rank). The LLM API spawns the TP x PP MPI workers itself."""
+    from tensorrt_llm._tensorrt_engine import LLM
+    from tensorrt_llm.llmapi import BuildConfig, CalibConfig, KvCacheConfig, QuantAlgo, QuantConfig
+
+    build_config = BuildConfig(max_batch_size=max_batch_size, max_num_tokens=max_num_tokens,
+                               max_seq_len=max_seq_len, max_beam_width=1)
+    quant_config = None
+    calib_config = None
+    if fp8 or fp8_kv_cache:
+        quant_config = QuantConfig(quant_algo=QuantAlgo.FP8 if fp8 else None,
+                                   kv_cache_quant_algo=QuantAlgo.FP8 if fp8_kv_cache else None)
+        if calibration_dir is None:
+            raise ValueError("FP8 needs calibration data; the default (cnn_dailymail) would be downloaded")
+        calib_config = CalibConfig(calib_dataset=calibration_dir, calib_batches=calibration_samples,
+                                   calib_batch_size=1, calib_max_seq_length=calibration_max_seq_length)
+    llm = LLM(model=checkpoint_dir, tensor_parallel_size=tp, pipeline_parallel_size=pp, build_config=build_config,
+              quant_config=quant_config, calib_config=calib_config,
+              kv_cache_config=KvCacheConfig(free_gpu_memory_fraction=kv_cache_free_gpu_memory_fraction))
+    try:
+        llm.save(engine_dir)
+    finally:
+        llm.shutdown()
+    return {"tensorrt_llm": tensorrt_llm_version(), "fp8": fp8, "fp8_kv_cache": fp8_kv_cache}
+
+
+def gpu_compute_capability() -> tuple[int, int]:
+    """FP8 kernels need SM 8.9+ (Ada, Hopper); the engine example gates FP8 on exactly this check."""
+    import torch
+
+    return torch.cuda.get_device_capability()
