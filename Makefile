@@ -39,8 +39,18 @@ plan-all: venv
 	@for stack in $$(ls stacks | sed -n 's/^Pulumi\.\(.*\)\.yaml$$/\1/p'); do \
 		$(PY) -m tools.synth $$stack || exit 1; done
 
-test: venv $(TOOLS_VENV)/.installed
+# The policy pack's pulumi-policy pins protobuf 5, which the program's test dependencies (tritonclient)
+# cannot share: its tests get a virtualenv of their own too.
+POLICY_VENV := .venv-policy
+$(POLICY_VENV)/.installed: requirements.txt policy/requirements.txt policy/requirements-test.txt
+	test -x $(POLICY_VENV)/bin/python || $(PYTHON) -m venv $(POLICY_VENV)
+	$(POLICY_VENV)/bin/python -m pip install --quiet --upgrade pip
+	$(POLICY_VENV)/bin/python -m pip install --quiet -r policy/requirements-test.txt
+	touch $@
+
+test: venv $(TOOLS_VENV)/.installed $(POLICY_VENV)/.installed
 	$(PY) -m pytest
+	$(POLICY_VENV)/bin/python -m pytest -c pyproject.toml policy/tests
 	bash tests/nemo/run.sh
 
 sizing: venv
@@ -56,4 +66,4 @@ clean:
 	rm -rf build .pytest_cache
 
 clean-all: clean
-	rm -rf $(VENV) $(TOOLS_VENV) .venv-nemo
+	rm -rf $(VENV) $(TOOLS_VENV) $(POLICY_VENV) .venv-nemo

@@ -54,6 +54,7 @@ class Key:
 
 LOG_TYPES = ("api", "audit", "authenticator", "controllerManager", "scheduler")
 CAPACITY_TYPES = ("ON_DEMAND", "SPOT", "CAPACITY_BLOCK")
+MONITORING_STACKS = ("kube-prometheus-stack", "existing", "none")
 NAT_MODES = ("single", "perAz")
 FSX_THROUGHPUTS_MB_PER_TIB = (125, 250, 500, 1000)  # PERSISTENT_2 SSD, FSx Lustre guide "Throughput capacity"
 MIN_KUBERNETES_MINOR = 31
@@ -123,10 +124,25 @@ KEYS: tuple[Key, ...] = (
     Key("serving.minReplicas", "integer", 1, ">= 1", "Fewest Triton replicas."),
     Key("serving.maxReplicas", "integer", 2, ">= minReplicas", "Most Triton replicas the autoscaler may run; the GPU group is sized for them."),
     Key("serving.targetQueueTimeMs", "integer", 100, "1..60000", "Average Triton queue time per request the autoscaler keeps to."),
+    Key("evaluation.enabled", "boolean", True, "true, false", "Evaluate the base and the fine-tuned model between training and conversion, and gate the rest on it."),
+    Key("evaluation.minLossImprovementPercent", "number", 0, "-100..100", "Gate: the fine-tuned validation loss must be at least this many percent below the base model's."),
+    Key("evaluation.maxExactMatchDrop", "number", 0, "0..100", "Gate: exact-match may drop at most this many percentage points below the base model's."),
+    Key("evaluation.lossSamples", "integer", 256, "1..100000", "Validation examples the loss and perplexity are computed on."),
+    Key("evaluation.generationSamples", "integer", 64, "1..10000", "Validation examples answered by generation (exact match, ROUGE-L, samples in the report)."),
+    Key("evaluation.maxNewTokens", "integer", 256, "1..8192", "Longest generated answer."),
+    Key("evaluation.metricsLingerSeconds", "integer", 600, "0..86400", "How long the finished evaluation keeps serving its metrics for Prometheus to scrape."),
     Key("pipeline.enabled", "boolean", True, "true, false", "Declare the training, conversion and serving workloads (false: the platform only)."),
     Key("pipeline.waitForCompletion", "boolean", False, "true, false", "Make `pulumi up` wait for training and conversion to finish (short dev runs, CI)."),
     Key("pipeline.timeoutMinutes", "integer", 720, "10..10080", "How long `pulumi up` waits for a stage when waitForCompletion is on."),
-    Key("monitoring.serviceMonitor", "boolean", False, "true, false", "Declare a ServiceMonitor for Triton's metrics (needs the prometheus-operator CRDs in the cluster)."),
+    Key("monitoring.stack", "string", "kube-prometheus-stack", ", ".join(MONITORING_STACKS), "kube-prometheus-stack: install it (Prometheus, Alertmanager, Grafana) with the DCGM exporter and prometheus-adapter; existing: a Prometheus with the prometheus-operator CRDs is already in the cluster (give its URL); none: no metrics stack, monitors or alerts."),
+    Key("monitoring.prometheusUrl", "string", Derived("the installed stack's Prometheus"), "http(s)://host[:port]", "Prometheus that prometheus-adapter queries for the autoscaler's metric (required with stack: existing)."),
+    Key("monitoring.kubePrometheusStackVersion", "string", "85.1.2", "a chart version of kube-prometheus-stack", "kube-prometheus-stack Helm chart version."),
+    Key("monitoring.dcgmExporterVersion", "string", "4.8.3", "a chart version of dcgm-exporter", "NVIDIA DCGM exporter Helm chart version (GPU metrics)."),
+    Key("monitoring.prometheusAdapterVersion", "string", "5.3.0", "a chart version of prometheus-adapter", "prometheus-adapter Helm chart version (Triton's queue time for the autoscaler)."),
+    Key("monitoring.throughputDropFraction", "number", 0.3, "0.05..0.95", "Alert when training throughput falls this fraction below its 6-hour average."),
+    Key("monitoring.lossWindowMinutes", "integer", 60, "15..1440", "Alert when the training loss has not fallen over this window."),
+    Key("monitoring.tritonQueueTimeMs", "integer", 500, "1..600000", "Alert when Triton's average queue time per request exceeds this."),
+    Key("monitoring.tritonFailureRatio", "number", 0.01, "0..1", "Alert when this share of Triton requests fail."),
     Key("addons.nvidiaDevicePluginVersion", "string", "0.20.0", "a chart version of nvidia-device-plugin", "NVIDIA device plugin Helm chart version."),
     Key("addons.efaDevicePluginVersion", "string", "v0.5.31", "a chart version of aws-efa-k8s-device-plugin", "AWS EFA device plugin Helm chart version."),
     Key("addons.podIdentityAgentVersion", "string", None, "an EKS add-on version", "eks-pod-identity-agent add-on version; unset takes EKS's default for the cluster version."),
@@ -217,6 +233,39 @@ class AddonsConfig:
 
 
 @dataclass(frozen=True)
+class EvaluationConfig:
+    enabled: bool
+    min_loss_improvement_percent: float
+    max_exact_match_drop: float
+    loss_samples: int
+    generation_samples: int
+    max_new_tokens: int
+    metrics_linger_seconds: int
+
+
+@dataclass(frozen=True)
+class MonitoringConfig:
+    stack: str
+    prometheus_url: str
+    kube_prometheus_stack_version: str
+    dcgm_exporter_version: str
+    prometheus_adapter_version: str
+    throughput_drop_fraction: float
+    loss_window_minutes: int
+    triton_queue_time_ms: int
+    triton_failure_ratio: float
+
+    @property
+    def enabled(self) -> bool:
+        """Monitors, rules and dashboards need the prometheus-operator CRDs: installed here or already there."""
+        return self.stack != "none"
+
+
+# Prometheus's Service from the kube-prometheus-stack release nemo-eks installs (release name = chart name).
+INSTALLED_PROMETHEUS_URL = "http://kube-prometheus-stack-prometheus.monitoring.svc:9090"
+
+
+@dataclass(frozen=True)
 class PipelineConfig:
     enabled: bool
     dataset: str
@@ -230,7 +279,8 @@ class PipelineConfig:
     target_queue_time_ms: int
     wait_for_completion: bool
     timeout_minutes: int
-    service_monitor: bool
+    monitoring: "MonitoringConfig"
+    evaluation: EvaluationConfig | None = None
     ngc_api_key: str | None = field(default=None, repr=False)  # secrets: declared only as Pulumi secrets
     hf_token: str | None = field(default=None, repr=False)
 
@@ -777,12 +827,50 @@ def _load_pipeline(root: _Section, workload: _Workload, secret_keys: Sequence[st
     enabled, wait, timeout = p.get("enabled"), p.get("waitForCompletion"), p.get("timeoutMinutes")
     _check(10 <= timeout <= 10080, p.where("timeoutMinutes"), timeout, "10..10080")
     p.finish()
-    service_monitor = m.get("serviceMonitor")
-    m.finish()
+    monitoring = _load_monitoring(m)
     return PipelineConfig(enabled, dataset, workload.max_steps, workload.learning_rate, nemo_image, triton_image,
                           workload.backend, workload.min_replicas, workload.max_replicas,
-                          workload.target_queue_time_ms, wait, timeout, service_monitor, credentials["ngcApiKey"],
+                          workload.target_queue_time_ms, wait, timeout, monitoring,
+                          _load_evaluation(_section(root, "evaluation")), credentials["ngcApiKey"],
                           credentials["hfToken"])
+
+
+def _load_monitoring(s: _Section) -> MonitoringConfig:
+    stack = _in(s.where("stack"), s.get("stack"), MONITORING_STACKS)
+    url = s.get("prometheusUrl")
+    _check(stack != "existing" or url is not None, s.where("prometheusUrl"), url,
+           "the URL of the cluster's Prometheus when monitoring.stack is existing")
+    if url is not None:
+        _check(bool(re.fullmatch(r"https?://[A-Za-z0-9.-]+(:\d+)?(/\S*)?", url)), s.where("prometheusUrl"), url,
+               "http(s)://host[:port]")
+    versions = {name: s.get(name) for name in ("kubePrometheusStackVersion", "dcgmExporterVersion",
+                                                 "prometheusAdapterVersion")}
+    for name, version in versions.items():
+        _check(bool(re.fullmatch(r"v?\d+\.\d+\.\d+", version)), s.where(name), version, "a pinned chart version such as 1.2.3")
+    drop, window = s.get("throughputDropFraction"), s.get("lossWindowMinutes")
+    queue, failures = s.get("tritonQueueTimeMs"), s.get("tritonFailureRatio")
+    _check(0.05 <= drop <= 0.95, s.where("throughputDropFraction"), drop, "0.05..0.95")
+    _check(15 <= window <= 1440, s.where("lossWindowMinutes"), window, "15..1440")
+    _check(1 <= queue <= 600000, s.where("tritonQueueTimeMs"), queue, "1..600000")
+    _check(0 <= failures <= 1, s.where("tritonFailureRatio"), failures, "0..1")
+    s.finish()
+    return MonitoringConfig(stack, url or INSTALLED_PROMETHEUS_URL, versions["kubePrometheusStackVersion"],
+                            versions["dcgmExporterVersion"], versions["prometheusAdapterVersion"], float(drop),
+                            window, queue, float(failures))
+
+
+def _load_evaluation(s: _Section) -> EvaluationConfig:
+    values = {name: s.get(name) for name in ("enabled", "minLossImprovementPercent", "maxExactMatchDrop",
+                                              "lossSamples", "generationSamples", "maxNewTokens",
+                                              "metricsLingerSeconds")}
+    for name, (low, high) in {"minLossImprovementPercent": (-100, 100), "maxExactMatchDrop": (0, 100),
+                              "lossSamples": (1, 100000), "generationSamples": (1, 10000), "maxNewTokens": (1, 8192),
+                              "metricsLingerSeconds": (0, 86400)}.items():
+        _check(low <= values[name] <= high, s.where(name), values[name], f"{low}..{high}")
+    s.finish()
+    return EvaluationConfig(values["enabled"], float(values["minLossImprovementPercent"]),
+                            float(values["maxExactMatchDrop"]), values["lossSamples"], values["generationSamples"],
+                            values["maxNewTokens"], values["metricsLingerSeconds"])
 
 
 def _load_addons(s: _Section) -> AddonsConfig:

@@ -47,6 +47,15 @@ def build(cfg: StackConfig) -> dict[str, Any]:
         system_nodes=cluster.system_nodes, fsx_csi_role_arn=identity.fsx_csi_role.arn,
         file_system=storage.file_system, tags=tags))
 
+    monitoring_ready: list[pulumi.Resource] = []
+    if cfg.pipeline.monitoring.enabled:
+        from infra.monitoring import Monitoring, MonitoringArgs
+
+        monitoring = Monitoring(f"{prefix}-monitoring", MonitoringArgs(
+            cfg.pipeline.monitoring, provider=cluster.provider, system_nodes=cluster.system_nodes,
+            device_plugins=addons.device_plugins))
+        monitoring_ready = monitoring.crds_ready
+
     outputs: dict[str, Any] = {}
     if cfg.pipeline.enabled:
         from workloads import runconfig
@@ -57,7 +66,8 @@ def build(cfg: StackConfig) -> dict[str, Any]:
             cfg, provider=cluster.provider, namespace=addons.namespace,
             service_accounts=list(addons.service_accounts.values()), fsx_claim=addons.fsx_claim,
             training_operator=addons.training_operator, device_plugins=addons.device_plugins,
-            training_nodes=node_groups[cfg.training_node_group], serving_nodes=node_groups[cfg.serving_node_group]))
+            training_nodes=node_groups[cfg.training_node_group], serving_nodes=node_groups[cfg.serving_node_group],
+            monitoring_ready=monitoring_ready))
         outputs = {"runId": runconfig.run_id(cfg), "servingId": runconfig.serving_id(cfg)}
 
     return {

@@ -327,6 +327,17 @@ class ServingPlan:
 
 
 @dataclass(frozen=True)
+class EvaluationPlan:
+    """Inference for the evaluation stage: 16-bit weights (Hugging Face transformers in the NeMo image) spread
+    over the fewest GPUs of one node that hold them with room for generation; CPU offload when even the whole
+    node cannot (the largest models on 80 GiB GPUs: slow, so evaluate fewer examples)."""
+
+    gpus: int
+    cpu_offload: bool
+    weight_bytes_per_gpu: int
+
+
+@dataclass(frozen=True)
 class SizingPlan:
     request: TrainingRequest
     parallelism: Parallelism
@@ -341,6 +352,7 @@ class SizingPlan:
     cost_usd: float | None
     storage: StoragePlan
     serving: ServingPlan
+    evaluation: EvaluationPlan
     nearest: str = ""  # a working setting, when this one does not fit
 
     @property
@@ -373,6 +385,7 @@ class SizingPlan:
                            "price_region": catalog.PRICE_REGION, "price_date": catalog.PRICE_DATE},
             "storage": {**asdict(self.storage), "fsx_throughput_mb_s": self.storage.fsx_throughput_mb_s},
             "serving": {**asdict(self.serving), "world_size": self.serving.world_size},
+            "evaluation": asdict(self.evaluation),
         }
 
 
@@ -559,6 +572,18 @@ def serving_plan(model: ModelSpec, instance: InstanceType, max_seq_length: int, 
     return best
 
 
+EVALUATION_MAX_WEIGHT_SHARE = 0.8  # the rest of usable memory for activations and the generation KV cache
+
+
+def evaluation_plan(model: ModelSpec, instance: InstanceType) -> EvaluationPlan:
+    weights = model.params * WEIGHT_BYTES
+    usable = instance.gpu_memory_gib * GIB * (1 - MEMORY_HEADROOM)
+    for gpus in (1, 2, 4, 8):
+        if gpus <= instance.gpus and weights / gpus <= usable * EVALUATION_MAX_WEIGHT_SHARE:
+            return EvaluationPlan(gpus, False, weights // gpus)
+    return EvaluationPlan(instance.gpus, True, weights // instance.gpus)
+
+
 # ---------------------------------------------------------------------------------------------------------
 # The planner
 
@@ -659,7 +684,8 @@ def _finish(request: TrainingRequest, par: Parallelism, memory: MemoryBreakdown,
     fits = memory.fits and serving.fits
     all_reasons = list(reasons) + ([serving.reason] if not serving.fits else [])
     return SizingPlan(request, par, memory, fits, tuple(all_reasons), per_token, efficiency, tokens_per_sec,
-                      training_tokens, hours, cost, storage_plan(request), serving, nearest)
+                      training_tokens, hours, cost, storage_plan(request), serving,
+                      evaluation_plan(model, instance), nearest)
 
 
 def _no_layout(request: TrainingRequest) -> SizingError:
@@ -840,6 +866,8 @@ def format_plan(p: SizingPlan) -> str:
         f"{sv.weight_bytes_per_gpu / GIB:.1f} GiB/GPU, KV {sv.kv_bytes_per_token // 1024} KiB/token, {sv.kv_cache_tokens:,} "
         f"KV tokens, max batch {sv.max_batch_size}, max tokens {sv.max_num_tokens}, max seq {sv.max_seq_length}"
         + ("" if sv.fits else f" (does not fit: {sv.reason})"),
+        f"  evaluation:    {p.evaluation.gpus} GPU(s), 16-bit weights {p.evaluation.weight_bytes_per_gpu / GIB:.1f} GiB/GPU"
+        + (", CPU offload (the weights exceed one node)" if p.evaluation.cpu_offload else ""),
     ]
     return "\n".join(lines)
 

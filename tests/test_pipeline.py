@@ -63,11 +63,11 @@ def test_the_crd_schema_check_catches_a_bad_pytorchjob():
 
 
 def test_service_monitor_validates_against_the_prometheus_operator_crd():
-    s = synth_config("service-monitor", {"nemo-eks:monitoring": {"serviceMonitor": True}})
-    [monitor] = by_kind(s, "ServiceMonitor")
+    [monitor] = [m for m in by_kind(synth_stack("dev"), "ServiceMonitor") if m["metadata"]["name"] == "triton"]
     jsonschema.validate(monitor, crd_schema("monitoring.coreos.com_servicemonitors.yaml", "v1"))
     assert monitor["spec"]["endpoints"] == [{"port": "metrics", "path": "/metrics", "interval": "15s"}]
-    assert not by_kind(synth_stack("dev"), "ServiceMonitor")  # off until the cluster has the CRD
+    without = synth_config("no-monitoring", {"nemo-eks:monitoring": {"stack": "none"}})
+    assert not by_kind(without, "ServiceMonitor")  # no prometheus-operator CRDs in the cluster
 
 
 # ---------------------------------------------------------------------------------------------- training
@@ -132,8 +132,10 @@ def test_training_waits_for_its_dependencies():
             "nemo-eks-prod-pipeline-training-config", "nemo-eks-prod-pipeline-entrypoints"} <= refs(s, job)
     assert job.options == {"deleteBeforeReplace": True, "replaceOnChanges": ["spec"]}
     assert job.inputs["metadata"]["annotations"] == {"pulumi.com/skipAwait": "true"}
+    evaluation = s.one(JOB, "nemo-eks-prod-pipeline-evaluation")
+    assert "nemo-eks-prod-pipeline-training" in refs(s, evaluation)
     conversion = s.one(JOB, "nemo-eks-prod-pipeline-conversion")
-    assert "nemo-eks-prod-pipeline-training" in refs(s, conversion)
+    assert "nemo-eks-prod-pipeline-evaluation" in refs(s, conversion)
     triton = s.one(DEPLOYMENT, "nemo-eks-prod-pipeline-triton")
     assert "nemo-eks-prod-pipeline-conversion" in refs(s, triton)
 
@@ -145,6 +147,8 @@ def test_wait_for_completion_makes_pulumi_up_wait():
     assert job.options["customTimeouts"] == {"create": "90m", "update": "90m"}
     conversion = s.one(JOB, "nemo-eks-test-pipeline-conversion")
     assert conversion.options["customTimeouts"] == {"create": "90m", "update": "90m"}
+    evaluation = s.one(JOB, "nemo-eks-test-pipeline-evaluation")
+    assert evaluation.options["customTimeouts"] == {"create": "90m", "update": "90m"}
     assert "pulumi.com/skipAwait" not in conversion.inputs["metadata"].get("annotations", {})
 
 
@@ -200,12 +204,14 @@ def test_resolved_training_config_comes_from_the_plan(stack_synth):
 
 def test_conversion_job(stack_synth):
     cfg = stack_config(stack_synth.stack)
-    [job] = by_kind(stack_synth, "Job")
+    [job] = [j for j in by_kind(stack_synth, "Job") if j["metadata"]["name"].startswith("convert-")]
     pod = job["spec"]["template"]["spec"]
     init = pod["initContainers"]
-    assert [c["name"] for c in init] == ["wait-for-training", "export"]
+    assert [c["name"] for c in init] == ["wait-for-upstream", "export"]
     assert all(c["image"] == cfg.pipeline.nemo_image for c in init)
-    assert init[0]["args"][1] == runconfig.run_paths(cfg).as_dict()["training_marker"]
+    # Conversion builds only what passed the evaluation gate, and stops at once if it failed.
+    marker = runconfig.run_paths(cfg).as_dict()["evaluation_marker"]
+    assert init[0]["args"][1] == marker and init[0]["args"][-2:] == ["--failure-marker", f"{marker}.failed"]
     [build] = pod["containers"]
     assert build["image"] == cfg.pipeline.triton_image  # the tag that serves it builds it
     assert build["resources"]["limits"]["nvidia.com/gpu"] == cfg.sizing.serving.tp * cfg.sizing.serving.pp
@@ -215,7 +221,7 @@ def test_conversion_job(stack_synth):
 
 def test_llmapi_backend_builds_nothing_on_gpus():
     s = synth_config("llmapi", {"nemo-eks:serving": {"backend": "llmapi"}})
-    [job] = by_kind(s, "Job")
+    [job] = [j for j in by_kind(s, "Job") if j["metadata"]["name"].startswith("convert-")]
     [build] = job["spec"]["template"]["spec"]["containers"]
     assert "nvidia.com/gpu" not in build["resources"]["limits"]
 
@@ -254,6 +260,61 @@ def test_entrypoints_ship_in_a_configmap():
     assert sum(len(v) for v in code["data"].values()) < 900_000  # ConfigMaps hold at most 1 MiB
 
 
+# ---------------------------------------------------------------------------------------------- evaluation
+
+
+def test_evaluation_job(stack_synth):
+    cfg = stack_config(stack_synth.stack)
+    [job] = [j for j in by_kind(stack_synth, "Job") if j["metadata"]["name"].startswith("eval-")]
+    assert job["metadata"]["name"] == pipeline.names(cfg).evaluation_job
+    pod = job["spec"]["template"]["spec"]
+    assert [c["name"] for c in pod["initContainers"]] == ["wait-for-training", "export"]
+    assert pod["initContainers"][0]["args"][1] == runconfig.run_paths(cfg).as_dict()["training_marker"]
+    [main] = pod["containers"]
+    assert main["image"] == cfg.pipeline.nemo_image and main["args"][0].endswith("/evaluate.py")
+    # No more GPUs than inference of the model needs, from the plan.
+    assert main["resources"]["limits"]["nvidia.com/gpu"] == cfg.sizing.evaluation.gpus <= cfg.sizing.parallelism.gpus_per_node
+    assert {"name": "metrics", "containerPort": 9400} in main["ports"]
+    [rule] = job["spec"]["podFailurePolicy"]["rules"]
+    assert rule == {"action": "FailJob", "onExitCodes": {"containerName": "evaluate", "operator": "In", "values": [3]}}
+    assert pod["restartPolicy"] == "Never"
+    [configmap] = [m for m in by_kind(stack_synth, "ConfigMap") if m["metadata"]["name"] == pipeline.names(cfg).evaluation_configmap]
+    doc = json.loads(configmap["data"]["run.json"])
+    assert doc["evaluation"]["gpus"] == cfg.sizing.evaluation.gpus and "serving" not in doc
+    assert doc["paths"]["export_dir"] == f"/fsx/checkpoints/{runconfig.run_id(cfg)}/hf"
+
+
+def test_evaluation_sizes_from_the_plan():
+    assert [stack_config(s).sizing.evaluation.gpus for s in ("dev", "staging", "prod", "prod-405b")] == [1, 1, 4, 8]
+    assert stack_config("prod-405b").sizing.evaluation.cpu_offload  # 811 GB of 16-bit weights exceed 8 x 80 GiB
+
+
+def test_gate_settings_re_evaluate_without_retraining():
+    base = load(raw_config(), "dev")
+    stricter = load(raw_config({"nemo-eks:evaluation": {"minLossImprovementPercent": 5}}), "dev")
+    assert runconfig.run_id(stricter) == runconfig.run_id(base)
+    assert runconfig.eval_id(stricter) != runconfig.eval_id(base)
+    assert pipeline.manifests(stricter)["training"] == pipeline.manifests(base)["training"]
+    assert pipeline.names(stricter).evaluation_job != pipeline.names(base).evaluation_job
+
+
+def test_without_evaluation_conversion_waits_for_training():
+    s = synth_config("no-evaluation", {"nemo-eks:evaluation": {"enabled": False}})
+    assert not [j for j in by_kind(s, "Job") if j["metadata"]["name"].startswith("eval-")]
+    [job] = by_kind(s, "Job")
+    assert job["spec"]["template"]["spec"]["initContainers"][0]["args"][1].endswith("/TRAINING_COMPLETE")
+    conversion = s.one(JOB, "nemo-eks-test-pipeline-conversion")
+    assert "nemo-eks-test-pipeline-training" in refs(s, conversion)
+
+
+@pytest.mark.parametrize("key,value,allowed", [("minLossImprovementPercent", 150, "-100..100"),
+                                                ("maxExactMatchDrop", -1, "0..100"), ("lossSamples", 0, "1..100000")])
+def test_bad_gate_settings(key, value, allowed):
+    with pytest.raises(ConfigError) as caught:
+        load(raw_config({"nemo-eks:evaluation": {key: value}}), "dev")
+    assert caught.value.key == f"nemo-eks:evaluation.{key}" and allowed in str(caught.value)
+
+
 # ---------------------------------------------------------------------------------------------- images and secrets
 
 
@@ -271,11 +332,11 @@ def test_ngc_pull_secret_is_never_plain_text(tmp_path):
     [pull] = [m for m in by_kind(s, "Secret") if m["metadata"]["name"] == "ngc-pull"]
     assert pull["type"] == "kubernetes.io/dockerconfigjson" and pull["stringData"] == synth.SECRET
     for kind in ("PyTorchJob", "Job", "Deployment"):
-        [manifest] = [m for m in by_kind(s, kind) if m["metadata"]["namespace"] == "nemo"]
-        templates = ([r["template"] for r in manifest["spec"]["pytorchReplicaSpecs"].values()] if kind == "PyTorchJob"
-                     else [manifest["spec"]["template"]])
-        for template in templates:
-            assert template["spec"]["imagePullSecrets"] == [{"name": "ngc-pull"}]
+        for manifest in [m for m in by_kind(s, kind) if m["metadata"]["namespace"] == "nemo"]:
+            templates = ([r["template"] for r in manifest["spec"]["pytorchReplicaSpecs"].values()]
+                         if kind == "PyTorchJob" else [manifest["spec"]["template"]])
+            for template in templates:
+                assert template["spec"]["imagePullSecrets"] == [{"name": "ngc-pull"}]
 
 
 def test_docker_config_json_format():

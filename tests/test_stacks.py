@@ -54,7 +54,9 @@ def test_every_stack_file_plans(stack_synth, tmp_path):
     assert plan["outputs"]["clusterName"] == f"nemo-eks-{stack_synth.stack}"
     assert plan["outputs"]["kubeconfig"] == synth.SECRET
     assert (target / "graph.mmd").read_text().startswith("graph LR")
-    assert sorted(p.name for p in (target / "helm").iterdir()) == ["aws-efa-k8s-device-plugin.yaml", "nvidia-device-plugin.yaml"]
+    assert sorted(p.name for p in (target / "helm").iterdir()) == [
+        "aws-efa-k8s-device-plugin.yaml", "dcgm-exporter.yaml", "kube-prometheus-stack.yaml",
+        "nvidia-device-plugin.yaml", "prometheus-adapter.yaml"]
     assert len(list((target / "manifests").iterdir())) == len(stack_synth.manifests())
     triton = sorted(str(p.relative_to(target / "triton")) for p in (target / "triton").rglob("*") if p.is_file())
     assert triton == ["ensemble/config.pbtxt", "postprocessing/config.pbtxt", "preprocessing/config.pbtxt",

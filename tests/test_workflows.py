@@ -61,6 +61,7 @@ def test_pull_request_workflow():
     assert pulumi["uses"] == "pulumi/actions@v7"
     assert pulumi["with"]["command"] == "preview" and pulumi["with"]["comment-on-pr"] is True
     assert pulumi["with"]["edit-pr-comment"] is True and pulumi["with"]["policyPacks"] == "policy"
+    assert any("policy/requirements.txt" in step.get("run", "") for step in preview["steps"])
     assert steps_using(preview, "pulumi/auth-actions@")
 
 
@@ -77,6 +78,7 @@ def test_deploy_goes_dev_then_staging_then_prod():
     assert job["concurrency"] == {"group": "pulumi-${{ inputs.stack }}", "cancel-in-progress": False}
     [pulumi] = steps_using(job, "pulumi/actions@")
     assert pulumi["with"]["command"] == "up" and pulumi["with"]["policyPacks"] == "policy"
+    assert any("policy/requirements.txt" in step.get("run", "") for step in job["steps"])
     assert up["permissions"] == {"contents": "read", "id-token": "write"}
 
 

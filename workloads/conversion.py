@@ -30,7 +30,7 @@ class ConversionSpec:
     node_group: str
     service_account: str
     run_configmap: str
-    training_marker: str
+    upstream_marker: str  # the evaluation's marker, or training's when there is no evaluation
     wait_seconds: int
     ngc_pull_secret: bool
     await_completion: bool
@@ -64,7 +64,7 @@ def job_manifest(spec: ConversionSpec) -> dict[str, Any]:
                     **pods.pull_secrets(spec.ngc_pull_secret),
                     "restartPolicy": "Never",
                     "initContainers": [
-                        pods.wait_for_container("wait-for-training", spec.nemo_image, spec.training_marker,
+                        pods.wait_for_container("wait-for-upstream", spec.nemo_image, spec.upstream_marker,
                                                 spec.wait_seconds, mounts),
                         {"name": "export", "image": spec.nemo_image, "command": ["python3"],
                          "args": [f"{ENTRYPOINTS_DIR}/export.py", "--config", str(RUN_CONFIG_FILE)],

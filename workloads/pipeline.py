@@ -1,6 +1,6 @@
-"""The pipeline on Kubernetes: training PyTorchJob -> conversion Job -> Triton, with their ConfigMaps and
-secrets, declared in dependency order. The builders in training.py, conversion.py and serving.py make the
-manifests; this component only declares them."""
+"""The pipeline on Kubernetes: training PyTorchJob -> evaluation Job -> conversion Job -> Triton, with their
+ConfigMaps and secrets, declared in dependency order. The builders in training.py, evaluation.py,
+conversion.py and serving.py make the manifests; this component only declares them."""
 
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ import pulumi_kubernetes as k8s
 from infra import catalog
 from infra.config import StackConfig
 from infra.identity import WORKLOADS
-from workloads import conversion, pods, runconfig, serving, training
+from workloads import conversion, evaluation, observability, pods, runconfig, serving, training
 
 ENTRYPOINTS = Path(__file__).parent / "entrypoints"
 
@@ -43,14 +43,19 @@ class Names:
 
     training_job: str
     training_configmap: str
+    evaluation_job: str
+    evaluation_configmap: str
     conversion_job: str
     serving_configmap: str
     deployment: str = "triton"
 
 
 def names(cfg: StackConfig) -> Names:
-    run, serving_hash = runconfig.run_id(cfg), runconfig.serving_id(cfg).rsplit("-", 1)[1]
+    run = runconfig.run_id(cfg)
+    serving_hash = runconfig.serving_id(cfg).rsplit("-", 1)[1]
+    eval_hash = runconfig.eval_id(cfg).rsplit("-", 1)[1]
     return Names(training_job=f"train-{run}", training_configmap=f"train-{run}",
+                 evaluation_job=f"eval-{run}-{eval_hash}", evaluation_configmap=f"eval-{run}-{eval_hash}",
                  conversion_job=f"convert-{run}-{serving_hash}", serving_configmap=f"serve-{run}-{serving_hash}")
 
 
@@ -70,12 +75,15 @@ def manifests(cfg: StackConfig) -> dict[str, dict[str, Any]]:
         prepared_marker=str(paths.prepared_marker), wait_seconds=wait_seconds,
         ngc_pull_secret=pipeline.ngc_api_key is not None, hf_token=pipeline.hf_token is not None,
         await_completion=pipeline.wait_for_completion)
+    evaluate = pipeline.evaluation.enabled
+    # Conversion waits for the evaluation's verdict when there is one, else for training.
+    upstream_marker = paths.evaluation_marker if evaluate else paths.training_marker
     conversion_spec = conversion.ConversionSpec(
         name=n.conversion_job, namespace=ns, run_id=run, serving_id=paths.serving_id,
         nemo_image=pipeline.nemo_image, triton_image=pipeline.triton_image, instance=serving_instance,
         gpus=build_gpus, model_params=plan.model.params, node_group=cfg.serving_node_group,
         service_account=WORKLOADS["conversion"].service_account, run_configmap=n.serving_configmap,
-        training_marker=str(paths.training_marker), wait_seconds=wait_seconds,
+        upstream_marker=str(upstream_marker), wait_seconds=wait_seconds,
         ngc_pull_secret=pipeline.ngc_api_key is not None, await_completion=pipeline.wait_for_completion)
     serving_spec = serving.ServingSpec(
         name=n.deployment, namespace=ns, run_id=run, serving_id=paths.serving_id, image=pipeline.triton_image,
@@ -97,8 +105,24 @@ def manifests(cfg: StackConfig) -> dict[str, dict[str, Any]]:
         "disruption_budget": serving.disruption_budget_manifest(serving_spec),
         "autoscaler": serving.autoscaler_manifest(serving_spec),
     }
-    if cfg.pipeline.service_monitor:
+    if evaluate:
+        evaluation_spec = evaluation.EvaluationSpec(
+            name=n.evaluation_job, namespace=ns, run_id=run, eval_id=paths.eval_id, image=pipeline.nemo_image,
+            instance=training_instance, gpus=plan.evaluation.gpus, cpu_offload=plan.evaluation.cpu_offload,
+            model_params=plan.model.params, metrics_port=runconfig.EVALUATION_METRICS_PORT,
+            node_group=cfg.training_node_group, service_account=WORKLOADS["training"].service_account,
+            run_configmap=n.evaluation_configmap, training_marker=str(paths.training_marker),
+            wait_seconds=wait_seconds, ngc_pull_secret=pipeline.ngc_api_key is not None,
+            await_completion=pipeline.wait_for_completion)
+        result["evaluation_config"] = configmap_manifest(
+            n.evaluation_configmap, ns, {"run.json": json.dumps(runconfig.evaluation_document(cfg), indent=2)},
+            "evaluation")
+        result["evaluation"] = evaluation.job_manifest(evaluation_spec)
+    if cfg.pipeline.monitoring.enabled:
         result["service_monitor"] = serving.service_monitor_manifest(serving_spec)
+        result["pod_monitor"] = observability.pod_monitor_manifest(ns)
+        result["alerts"] = observability.prometheus_rule_manifest(ns, cfg.pipeline.monitoring)
+        result["dashboard"] = observability.dashboard_configmap_manifest(ns)
     return result
 
 
@@ -113,10 +137,12 @@ class PipelineArgs:
     device_plugins: Sequence[pulumi.Resource]
     training_nodes: pulumi.Resource
     serving_nodes: pulumi.Resource
+    monitoring_ready: Sequence[pulumi.Resource] = ()  # the prometheus-operator CRDs, when this stack installs them
 
 
 class Pipeline(pulumi.ComponentResource):
     training_job: k8s.apiextensions.CustomResource
+    evaluation_job: k8s.batch.v1.Job | None
     conversion_job: k8s.batch.v1.Job
     deployment: k8s.apps.v1.Deployment
 
@@ -160,12 +186,24 @@ class Pipeline(pulumi.ComponentResource):
             opts=opts_after(args.training_nodes, args.fsx_claim, args.training_operator, *args.device_plugins,
                             *args.service_accounts, code, training_config, *secrets,
                             replace_on_changes=["spec"], delete_before_replace=True, custom_timeouts=timeouts))
+        upstream: pulumi.Resource = self.training_job
+        self.evaluation_job = None
+        if "evaluation" in m:
+            evaluation_config = configmap("evaluation_config", "evaluation-config")
+            evaluate = m["evaluation"]
+            # Evaluation measures what training wrote: in-cluster it waits for the training marker; for
+            # Pulumi it comes after the PyTorchJob (and, with waitForCompletion, after it succeeded).
+            self.evaluation_job = k8s.batch.v1.Job(
+                f"{name}-evaluation", metadata=evaluate["metadata"], spec=evaluate["spec"],
+                opts=opts_after(self.training_job, code, evaluation_config, *secrets,
+                                delete_before_replace=True, custom_timeouts=timeouts))
+            upstream = self.evaluation_job
         convert = m["conversion"]
-        # Conversion exports what training wrote: in-cluster it waits for the training marker; for Pulumi it
-        # comes after the PyTorchJob (and, with waitForCompletion, after it succeeded).
+        # Conversion builds what passed the evaluation gate (what training wrote, without evaluation): it
+        # waits in-cluster for that stage's marker and fails at once on its failure marker.
         self.conversion_job = k8s.batch.v1.Job(
             f"{name}-conversion", metadata=convert["metadata"], spec=convert["spec"],
-            opts=opts_after(self.training_job, args.serving_nodes, code, serving_config, *secrets,
+            opts=opts_after(upstream, args.serving_nodes, code, serving_config, *secrets,
                             delete_before_replace=True, custom_timeouts=timeouts))
         deployment = m["deployment"]
         # Triton serves what the conversion built: its pods wait for the conversion marker.
@@ -180,9 +218,15 @@ class Pipeline(pulumi.ComponentResource):
         k8s.autoscaling.v2.HorizontalPodAutoscaler(f"{name}-triton-hpa", metadata=m["autoscaler"]["metadata"],
                                                    spec=m["autoscaler"]["spec"], opts=after_triton)
         if "service_monitor" in m:
-            monitor = m["service_monitor"]
-            k8s.apiextensions.CustomResource(
-                f"{name}-triton-monitor", api_version=monitor["apiVersion"], kind=monitor["kind"],
-                metadata=monitor["metadata"], spec=monitor["spec"], opts=after_triton)
+            # Monitors and rules are prometheus-operator custom resources: they wait for its CRDs.
+            for key, logical in (("service_monitor", "triton-monitor"), ("pod_monitor", "pod-monitor"),
+                                 ("alerts", "alerts")):
+                monitor = m[key]
+                k8s.apiextensions.CustomResource(
+                    f"{name}-{logical}", api_version=monitor["apiVersion"], kind=monitor["kind"],
+                    metadata=monitor["metadata"], spec=monitor["spec"],
+                    opts=opts_after(*args.monitoring_ready))
+            configmap("dashboard", "dashboard")
         self.register_outputs({"runId": runconfig.run_id(cfg), "servingId": runconfig.serving_id(cfg),
+                               "evalId": runconfig.eval_id(cfg),
                                "trainingJob": names(cfg).training_job})

@@ -80,6 +80,27 @@ def serving_section(cfg: StackConfig) -> dict[str, Any]:
     }
 
 
+EVALUATION_METRICS_PORT = 9400
+
+
+def evaluation_section(cfg: StackConfig) -> dict[str, Any]:
+    """What the evaluation measures and the gate it applies; a change here re-evaluates, without retraining."""
+    evaluation, plan = cfg.pipeline.evaluation, cfg.sizing.evaluation
+    return {
+        "loss_samples": evaluation.loss_samples, "generation_samples": evaluation.generation_samples,
+        "max_new_tokens": evaluation.max_new_tokens,
+        "gate": {"min_loss_improvement_percent": evaluation.min_loss_improvement_percent,
+                 "max_exact_match_drop": evaluation.max_exact_match_drop},
+        "gpus": plan.gpus, "cpu_offload": plan.cpu_offload,
+        "metrics_port": EVALUATION_METRICS_PORT, "metrics_linger_seconds": evaluation.metrics_linger_seconds,
+        "image": cfg.pipeline.nemo_image,
+    }
+
+
+def eval_id(cfg: StackConfig) -> str:
+    return f"eval-{_digest(evaluation_section(cfg), 8)}"
+
+
 def run_id(cfg: StackConfig) -> str:
     return f"{cfg.sizing.model.key}-{cfg.sizing.request.method}-{_digest(training_section(cfg))}"
 
@@ -89,7 +110,7 @@ def serving_id(cfg: StackConfig) -> str:
 
 
 def run_paths(cfg: StackConfig) -> RunPaths:
-    return RunPaths(run_id(cfg), serving_id(cfg), cfg.pipeline.dataset, cfg.hf_model_id)
+    return RunPaths(run_id(cfg), serving_id(cfg), cfg.pipeline.dataset, cfg.hf_model_id, eval_id(cfg))
 
 
 TRAINING_PATHS = ("dataset_dir", "base_hf_dir", "base_nemo_dir", "run_dir", "data_dir", "nemo_log_dir",
@@ -103,6 +124,18 @@ def training_document(cfg: StackConfig) -> dict[str, Any]:
             "training": training_section(cfg), "paths": {k: paths[k] for k in TRAINING_PATHS}}
 
 
+EVALUATION_PATHS = TRAINING_PATHS + ("export_dir", "base_eval_cache_dir", "evaluation_dir", "evaluation_report",
+                                     "evaluation_marker")
+
+
+def evaluation_document(cfg: StackConfig) -> dict[str, Any]:
+    """run.json of the evaluation pods: training, evaluation and the paths they read and write."""
+    paths = run_paths(cfg).as_dict()
+    return {"schema": SCHEMA_VERSION, "stack": cfg.stack, "run_id": run_id(cfg), "eval_id": eval_id(cfg),
+            "training": training_section(cfg), "evaluation": evaluation_section(cfg),
+            "paths": {k: paths[k] for k in EVALUATION_PATHS}}
+
+
 def run_document(cfg: StackConfig) -> dict[str, Any]:
     """run.json of the conversion and serving pods: everything."""
     return {
@@ -110,7 +143,9 @@ def run_document(cfg: StackConfig) -> dict[str, Any]:
         "stack": cfg.stack,
         "run_id": run_id(cfg),
         "serving_id": serving_id(cfg),
+        "eval_id": eval_id(cfg),
         "training": training_section(cfg),
+        "evaluation": evaluation_section(cfg) if cfg.pipeline.evaluation.enabled else None,
         "serving": serving_section(cfg),
         "paths": run_paths(cfg).as_dict(),
     }

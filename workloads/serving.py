@@ -7,13 +7,11 @@ from dataclasses import dataclass
 from typing import Any
 
 from infra.catalog import InstanceType
+from infra.monitoring import QUEUE_TIME_METRIC  # served to the autoscaler by prometheus-adapter
 from workloads import pods
 from workloads.entrypoints.layout import ENTRYPOINTS_DIR, RUN_CONFIG_FILE
 
 PORTS = {"http": 8000, "grpc": 8001, "metrics": 8002}
-# Average queue time per request in milliseconds, per pod: served to the autoscaler by prometheus-adapter
-# from Triton's cumulative nv_inference_queue_duration_us and nv_inference_request_success counters.
-QUEUE_TIME_METRIC = "triton_queue_time_per_request_ms"
 SELECTOR = {"app.kubernetes.io/name": "triton", "app.kubernetes.io/part-of": pods.PART_OF}
 
 

@@ -7,6 +7,7 @@ from typing import Any
 
 from infra.catalog import InstanceType
 from workloads import pods
+from workloads.observability import TRAINING_METRICS_PORT
 from workloads.entrypoints.layout import ENTRYPOINTS_DIR, RUN_CONFIG_FILE
 
 MASTER_PORT = 23456  # the training operator's default; its Service for the master exposes it by this name
@@ -63,7 +64,9 @@ def _pod_template(spec: TrainingSpec, role: str) -> dict[str, Any]:
         "image": spec.image,
         "command": torchrun_command(spec),
         "env": pods.env(pods.NCCL_EFA_ENV, hf_token=spec.hf_token),
-        "ports": [{"name": "pytorchjob-port", "containerPort": MASTER_PORT}],
+        "ports": [{"name": "pytorchjob-port", "containerPort": MASTER_PORT},
+                  # Global rank 0 serves training metrics here (PodMonitor of the metrics stack).
+                  {"name": "metrics", "containerPort": TRAINING_METRICS_PORT}],
         "resources": compute,
         "volumeMounts": mounts,
         "securityContext": pods.container_security(),

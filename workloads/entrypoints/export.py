@@ -6,6 +6,10 @@ LoRA runs merge the adapters into the base weights first (``llm.peft.merge_lora`
 fused ``linear_qkv``/``linear_fc1`` projections, which a Hugging Face checkpoint (and TensorRT-LLM reading it)
 has no place for. Then ``llm.export_ckpt(target="hf")`` writes ``paths.export_dir``, which holds the tokenizer
 too (Triton's pre/postprocessing read it). Idempotent: each finished directory has a ``.complete`` marker.
+
+Two Jobs run it: the evaluation Job (init container, run.json = the evaluation document: training and paths, no
+serving section), which makes the export it evaluates, and the conversion Job (the full document), which finds it
+done. Only ``training`` and the training/export paths are read.
 """
 
 from __future__ import annotations
@@ -55,16 +59,24 @@ def _publish(staged: str, target: str, **details) -> None:
     layout.write_marker(layout.done_marker(target), **details)
 
 
+def stage_marker(run: dict) -> str:
+    """The marker of the stage this export runs in, whose failure marker reports an export that cannot succeed:
+    conversion's in the full document, evaluation's in the evaluation document (which has no conversion paths)."""
+    paths = run["paths"]
+    return paths.get("conversion_marker") or paths["evaluation_marker"]
+
+
 def export(run: dict) -> dict:
-    from pathlib import Path
-
-    from nemo.collections import llm
-
     paths = run["paths"]
     export_dir = paths["export_dir"]
     if os.path.exists(layout.done_marker(export_dir)):
         return {"export": "reused", "export_dir": export_dir}
     source = final_checkpoint(run)
+
+    from pathlib import Path
+
+    from nemo.collections import llm
+
     if run["training"]["method"] == "lora":
         merged = merged_dir(run)
         if not os.path.exists(layout.done_marker(merged)):
@@ -87,7 +99,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--config", default=str(layout.RUN_CONFIG_FILE))
     args = parser.parse_args(argv)
     run = layout.load_run(args.config)
-    failed = layout.failure_marker(run["paths"]["conversion_marker"])
+    failed = layout.failure_marker(stage_marker(run))
     if os.path.exists(failed):
         os.remove(failed)
     try:

@@ -6,8 +6,9 @@
 
 The run is ``llm.finetune`` configured as a nemo_run ``Partial`` from ``default_finetune_recipe`` (the recipe
 every NeMo model-specific fine-tune recipe starts from), with every setting that matters overridden from
-run.json: nothing is left to a recipe default that the sizing plan did not choose. Global rank 0 writes the
-training marker with the final checkpoint once every rank has finished.
+run.json: nothing is left to a recipe default that the sizing plan did not choose. Global rank 0 serves the
+training metrics for Prometheus on port 9401 while it trains (training_metrics.py) and writes the training
+marker with the final checkpoint once every rank has finished.
 
 Signatures used are those of nemo_toolkit 2.7.3 (nemo/collections/llm/api.py, recipes/finetune_default.py,
 recipes/optim/adam.py, recipes/precision/mixed_precision.py, lightning/pytorch/strategies/megatron_strategy.py,
@@ -29,6 +30,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import dataset  # noqa: E402
 import layout  # noqa: E402
+import training_metrics  # noqa: E402
 
 LOG_NAME = "finetune"  # stable: AutoResume finds <nemo_log_dir>/finetune/checkpoints after a pod restart
 SEED = 1234
@@ -113,6 +115,11 @@ def build_recipe(run: dict[str, Any]):
         trainer.plugins.fp8_param_gather = not is_lora
     else:
         trainer.plugins = bf16_mixed()
+    # Prometheus metrics from global rank 0 (training_metrics.py), after the recipe's TimingCallback, whose step
+    # time it reads; NeMo's own logging is unchanged
+    trainer.callbacks = [*(trainer.callbacks or []), nr.Config(
+        training_metrics.TrainingMetricsCallback, run_id=run["run_id"], port=training_metrics.PORT,
+        global_batch_size=batch["global_batch_size"], seq_length=batch["seq_length"])]
 
     # -- data: the layout finetune --prepare wrote
     recipe.data = nr.Config(llm.FineTuningDataModule, dataset_root=paths["data_dir"], seq_length=batch["seq_length"],
@@ -167,6 +174,7 @@ def summary(recipe) -> dict[str, Any]:
         "recompute": getattr(recipe.model.config, "recompute_granularity", None),
         "precision": trainer.plugins.precision, "fp8": getattr(trainer.plugins, "fp8", None),
         "max_steps": trainer.max_steps, "val_check_interval": trainer.val_check_interval,
+        "callbacks": [c.__fn_or_cls__.__name__ for c in trainer.callbacks or []],
         "micro_batch_size": recipe.data.micro_batch_size, "global_batch_size": recipe.data.global_batch_size,
         "data": recipe.data.dataset_root,
         "peft": None if peft is None else {"target_modules": peft.target_modules, "dim": peft.dim,

@@ -10,7 +10,10 @@ so both agree on every path by construction.
     /fsx/checkpoints/<run id>/PREPARED                          marker: data laid out, base model imported
     /fsx/checkpoints/<run id>/nemo/...                          NeMo logs and checkpoints (AutoResume looks here)
     /fsx/checkpoints/<run id>/TRAINING_COMPLETE                 marker: training finished
-    /fsx/models/<run id>/<serving id>/hf                        merged Hugging Face export
+    /fsx/checkpoints/<run id>/hf                                merged Hugging Face export (evaluated, then served)
+    /fsx/checkpoints/<run id>/evaluation/<eval id>/report.json  evaluation report (report.md beside it)
+    /fsx/checkpoints/<run id>/evaluation/<eval id>/EVALUATION_COMPLETE   marker: the gate passed
+    /fsx/models/base/<hf org>/<hf name>/evaluation/<key>.json   the base model's numbers, once per dataset
     /fsx/models/<run id>/<serving id>/engine                    TensorRT-LLM engine (engine backend)
     /fsx/models/<run id>/<serving id>/triton                    Triton model repository
     /fsx/models/<run id>/<serving id>/CONVERSION_COMPLETE       marker: the model repository is ready
@@ -32,6 +35,7 @@ RUN_CONFIG_FILE = RUN_CONFIG_DIR / "run.json"
 
 PREPARED_MARKER = "PREPARED"
 TRAINING_MARKER = "TRAINING_COMPLETE"
+EVALUATION_MARKER = "EVALUATION_COMPLETE"
 CONVERSION_MARKER = "CONVERSION_COMPLETE"
 RUN_SCHEMA = 1  # workloads.runconfig.SCHEMA_VERSION; the pods cannot import it, a test keeps the two equal
 
@@ -42,6 +46,7 @@ class RunPaths:
     serving_id: str
     dataset: str
     hf_model_id: str
+    eval_id: str = "default"
 
     @property
     def dataset_dir(self) -> PurePosixPath:
@@ -85,7 +90,24 @@ class RunPaths:
 
     @property
     def export_dir(self) -> PurePosixPath:
-        return self.serving_dir / "hf"
+        # Depends on the trained checkpoint only: evaluation reads it, every serving shape converts it.
+        return self.run_dir / "hf"
+
+    @property
+    def base_eval_cache_dir(self) -> PurePosixPath:
+        return self.base_model_dir / "evaluation"
+
+    @property
+    def evaluation_dir(self) -> PurePosixPath:
+        return self.run_dir / "evaluation" / self.eval_id
+
+    @property
+    def evaluation_report(self) -> PurePosixPath:
+        return self.evaluation_dir / "report.json"
+
+    @property
+    def evaluation_marker(self) -> PurePosixPath:
+        return self.evaluation_dir / EVALUATION_MARKER
 
     @property
     def engine_dir(self) -> PurePosixPath:
@@ -101,7 +123,9 @@ class RunPaths:
 
     def as_dict(self) -> dict[str, str]:
         names = ("dataset_dir", "base_hf_dir", "base_nemo_dir", "run_dir", "data_dir", "nemo_log_dir",
-                 "prepared_marker", "training_marker", "serving_dir", "export_dir", "engine_dir", "model_repository", "conversion_marker")
+                 "prepared_marker", "training_marker", "export_dir", "base_eval_cache_dir", "evaluation_dir",
+                 "evaluation_report", "evaluation_marker", "serving_dir", "engine_dir", "model_repository",
+                 "conversion_marker")
         return {name: str(getattr(self, name)) for name in names}
 
 

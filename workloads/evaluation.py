@@ -1,0 +1,95 @@
+"""Evaluation as a batch/v1 Job between training and conversion: export the fine-tuned model, measure it and
+the base model on the held-out validation set, and gate the rest of the pipeline on the result."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+from infra.catalog import InstanceType
+from workloads import pods
+from workloads.conversion import export_memory_gib
+from workloads.entrypoints.layout import ENTRYPOINTS_DIR, RUN_CONFIG_FILE
+
+GATE_FAILED_EXIT_CODE = 3  # evaluate.py's exit code when the gate fails: a retry cannot change the verdict
+BACKOFF_LIMIT = 2
+GIB = 1024**3
+
+
+@dataclass(frozen=True)
+class EvaluationSpec:
+    name: str
+    namespace: str
+    run_id: str
+    eval_id: str
+    image: str
+    instance: InstanceType
+    gpus: int
+    cpu_offload: bool
+    model_params: int
+    metrics_port: int
+    node_group: str
+    service_account: str
+    run_configmap: str
+    training_marker: str
+    wait_seconds: int
+    ngc_pull_secret: bool
+    await_completion: bool
+
+
+def host_memory_gib(spec: EvaluationSpec) -> int:
+    """Export needs the model about two and a half times in host memory; CPU offload keeps what the GPUs
+    cannot hold there too."""
+    offloaded = math.ceil(spec.model_params * 2 / GIB) if spec.cpu_offload else 0
+    return max(export_memory_gib(spec.model_params), offloaded + 32)
+
+
+def job_manifest(spec: EvaluationSpec) -> dict[str, Any]:
+    share = pods.pod_share(spec.instance, spec.gpus, efa=False, min_memory_gib=host_memory_gib(spec))
+    mounts = pods.volume_mounts()
+    cpu_and_memory = {kind: {k: v for k, v in amounts.items() if k in ("cpu", "memory")}
+                      for kind, amounts in share.resources().items()}
+    no_privileges = {"allowPrivilegeEscalation": False, "capabilities": {"drop": ["ALL"]}}
+    labels = pods.labels("evaluation", **{"nemo-eks/run-id": spec.run_id, "nemo-eks/eval-id": spec.eval_id})
+    return {
+        "apiVersion": "batch/v1",
+        "kind": "Job",
+        "metadata": {"name": spec.name, "namespace": spec.namespace, "labels": labels,
+                     "annotations": {} if spec.await_completion else {"pulumi.com/skipAwait": "true"}},
+        "spec": {
+            "backoffLimit": BACKOFF_LIMIT,
+            # A failed gate fails the Job at once, with the reason in the pod's termination message; other
+            # failures (a node lost, an out-of-memory) are retried.
+            "podFailurePolicy": {"rules": [{"action": "FailJob", "onExitCodes": {
+                "containerName": "evaluate", "operator": "In", "values": [GATE_FAILED_EXIT_CODE]}}]},
+            "template": {
+                "metadata": {"labels": labels},
+                "spec": {
+                    **pods.gpu_scheduling(spec.node_group),
+                    "serviceAccountName": spec.service_account,
+                    **pods.pull_secrets(spec.ngc_pull_secret),
+                    "restartPolicy": "Never",
+                    "initContainers": [
+                        pods.wait_for_container("wait-for-training", spec.image, spec.training_marker,
+                                                spec.wait_seconds, mounts),
+                        {"name": "export", "image": spec.image, "command": ["python3"],
+                         "args": [f"{ENTRYPOINTS_DIR}/export.py", "--config", str(RUN_CONFIG_FILE)],
+                         "env": pods.env({"PYTHONUNBUFFERED": "1"}), "resources": cpu_and_memory,
+                         "volumeMounts": mounts, "securityContext": no_privileges},
+                    ],
+                    "containers": [{
+                        "name": "evaluate", "image": spec.image, "command": ["python3"],
+                        # The gate's reason is the termination message; an out-of-memory kill leaves the log tail.
+                        "terminationMessagePolicy": "FallbackToLogsOnError",
+                        "args": [f"{ENTRYPOINTS_DIR}/evaluate.py", "--config", str(RUN_CONFIG_FILE)],
+                        "env": pods.env({"PYTHONUNBUFFERED": "1", "HF_HUB_OFFLINE": "1"}),
+                        # Scraped while it lingers after the evaluation (PodMonitor of the metrics stack).
+                        "ports": [{"name": "metrics", "containerPort": spec.metrics_port}],
+                        "resources": share.resources(), "volumeMounts": mounts, "securityContext": no_privileges,
+                    }],
+                    "volumes": pods.volumes(spec.run_configmap, share.shm_gib),
+                },
+            },
+        },
+    }
