@@ -9,7 +9,6 @@ import jsonschema
 import pytest
 import yaml
 
-from infra import catalog
 from infra.config import ConfigError, load
 from infra.gpu_nodes import GPU_TAINTS
 from tests.conftest import raw_config, synth_config, synth_stack

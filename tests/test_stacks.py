@@ -10,9 +10,8 @@ import pytest
 import yaml
 
 from infra import catalog
-from infra.config import load
 from tools import synth
-from tests.conftest import raw_config, synth_config, synth_stack
+from tests.conftest import synth_config, synth_stack
 
 LT = "aws:ec2/launchTemplate:LaunchTemplate"
 NODE_GROUP = "aws:eks/nodeGroup:NodeGroup"

@@ -10,7 +10,6 @@ from typing import Any
 
 from infra.catalog import InstanceType
 from workloads import pods
-from workloads.entrypoints.layout import ENTRYPOINTS_DIR, RUN_CONFIG_FILE
 
 BACKOFF_LIMIT = 2
 GIB = 1024**3
@@ -44,41 +43,16 @@ def export_memory_gib(model_params: int) -> int:
 def job_manifest(spec: ConversionSpec) -> dict[str, Any]:
     share = pods.pod_share(spec.instance, spec.gpus, efa=False, min_memory_gib=export_memory_gib(spec.model_params))
     mounts = pods.volume_mounts()
-    cpu_and_memory = {kind: {k: v for k, v in amounts.items() if k in ("cpu", "memory")}
-                      for kind, amounts in share.resources().items()}
-    no_privileges = {"allowPrivilegeEscalation": False, "capabilities": {"drop": ["ALL"]}}
     labels = pods.labels("conversion", **{"nemo-eks/run-id": spec.run_id, "nemo-eks/serving-id": spec.serving_id})
-    return {
-        "apiVersion": "batch/v1",
-        "kind": "Job",
-        "metadata": {"name": spec.name, "namespace": spec.namespace, "labels": labels,
-                     "annotations": {} if spec.await_completion else {"pulumi.com/skipAwait": "true"}},
-        "spec": {
-            "backoffLimit": BACKOFF_LIMIT,
-            # No ttlSecondsAfterFinished: a deleted Job would be created again by the next `pulumi up`.
-            "template": {
-                "metadata": {"labels": labels},
-                "spec": {
-                    **pods.gpu_scheduling(spec.node_group),
-                    "serviceAccountName": spec.service_account,
-                    **pods.pull_secrets(spec.ngc_pull_secret),
-                    "restartPolicy": "Never",
-                    "initContainers": [
-                        pods.wait_for_container("wait-for-upstream", spec.nemo_image, spec.upstream_marker,
-                                                spec.wait_seconds, mounts),
-                        {"name": "export", "image": spec.nemo_image, "command": ["python3"],
-                         "args": [f"{ENTRYPOINTS_DIR}/export.py", "--config", str(RUN_CONFIG_FILE)],
-                         "env": pods.env({"PYTHONUNBUFFERED": "1"}), "resources": cpu_and_memory,
-                         "volumeMounts": mounts, "securityContext": no_privileges},
-                    ],
-                    "containers": [
-                        {"name": "build", "image": spec.triton_image, "command": ["python3"],
-                         "args": [f"{ENTRYPOINTS_DIR}/build_engine.py", "--config", str(RUN_CONFIG_FILE)],
-                         "env": pods.env({"PYTHONUNBUFFERED": "1"}), "resources": share.resources(),
-                         "volumeMounts": mounts, "securityContext": no_privileges},
-                    ],
-                    "volumes": pods.volumes(spec.run_configmap, share.shm_gib),
-                },
-            },
-        },
-    }
+    return pods.job_manifest(spec.name, spec.namespace, labels, spec.await_completion, BACKOFF_LIMIT, {
+        **pods.gpu_scheduling(spec.node_group),
+        "serviceAccountName": spec.service_account,
+        **pods.pull_secrets(spec.ngc_pull_secret),
+        "initContainers": [
+            pods.wait_for_container("wait-for-upstream", spec.nemo_image, spec.upstream_marker, spec.wait_seconds,
+                                    mounts),
+            pods.script_container("export", spec.nemo_image, "export.py", share.resources(devices=False), mounts),
+        ],
+        "containers": [pods.script_container("build", spec.triton_image, "build_engine.py", share.resources(), mounts)],
+        "volumes": pods.volumes(spec.run_configmap, share.shm_gib),
+    })

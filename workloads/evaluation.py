@@ -10,7 +10,6 @@ from typing import Any
 from infra.catalog import InstanceType
 from workloads import pods
 from workloads.conversion import export_memory_gib
-from workloads.entrypoints.layout import ENTRYPOINTS_DIR, RUN_CONFIG_FILE
 
 GATE_FAILED_EXIT_CODE = 3  # evaluate.py's exit code when the gate fails: a retry cannot change the verdict
 BACKOFF_LIMIT = 2
@@ -48,48 +47,27 @@ def host_memory_gib(spec: EvaluationSpec) -> int:
 def job_manifest(spec: EvaluationSpec) -> dict[str, Any]:
     share = pods.pod_share(spec.instance, spec.gpus, efa=False, min_memory_gib=host_memory_gib(spec))
     mounts = pods.volume_mounts()
-    cpu_and_memory = {kind: {k: v for k, v in amounts.items() if k in ("cpu", "memory")}
-                      for kind, amounts in share.resources().items()}
-    no_privileges = {"allowPrivilegeEscalation": False, "capabilities": {"drop": ["ALL"]}}
     labels = pods.labels("evaluation", **{"nemo-eks/run-id": spec.run_id, "nemo-eks/eval-id": spec.eval_id})
-    return {
-        "apiVersion": "batch/v1",
-        "kind": "Job",
-        "metadata": {"name": spec.name, "namespace": spec.namespace, "labels": labels,
-                     "annotations": {} if spec.await_completion else {"pulumi.com/skipAwait": "true"}},
-        "spec": {
-            "backoffLimit": BACKOFF_LIMIT,
-            # A failed gate fails the Job at once, with the reason in the pod's termination message; other
-            # failures (a node lost, an out-of-memory) are retried.
-            "podFailurePolicy": {"rules": [{"action": "FailJob", "onExitCodes": {
-                "containerName": "evaluate", "operator": "In", "values": [GATE_FAILED_EXIT_CODE]}}]},
-            "template": {
-                "metadata": {"labels": labels},
-                "spec": {
-                    **pods.gpu_scheduling(spec.node_group),
-                    "serviceAccountName": spec.service_account,
-                    **pods.pull_secrets(spec.ngc_pull_secret),
-                    "restartPolicy": "Never",
-                    "initContainers": [
-                        pods.wait_for_container("wait-for-training", spec.image, spec.training_marker,
-                                                spec.wait_seconds, mounts),
-                        {"name": "export", "image": spec.image, "command": ["python3"],
-                         "args": [f"{ENTRYPOINTS_DIR}/export.py", "--config", str(RUN_CONFIG_FILE)],
-                         "env": pods.env({"PYTHONUNBUFFERED": "1"}), "resources": cpu_and_memory,
-                         "volumeMounts": mounts, "securityContext": no_privileges},
-                    ],
-                    "containers": [{
-                        "name": "evaluate", "image": spec.image, "command": ["python3"],
-                        # The gate's reason is the termination message; an out-of-memory kill leaves the log tail.
-                        "terminationMessagePolicy": "FallbackToLogsOnError",
-                        "args": [f"{ENTRYPOINTS_DIR}/evaluate.py", "--config", str(RUN_CONFIG_FILE)],
-                        "env": pods.env({"PYTHONUNBUFFERED": "1", "HF_HUB_OFFLINE": "1"}),
-                        # Scraped while it lingers after the evaluation (PodMonitor of the metrics stack).
-                        "ports": [{"name": "metrics", "containerPort": spec.metrics_port}],
-                        "resources": share.resources(), "volumeMounts": mounts, "securityContext": no_privileges,
-                    }],
-                    "volumes": pods.volumes(spec.run_configmap, share.shm_gib),
-                },
-            },
+    evaluate = pods.script_container("evaluate", spec.image, "evaluate.py", share.resources(), mounts,
+                                     env_values={"HF_HUB_OFFLINE": "1"})
+    # Scraped while it lingers after the evaluation (PodMonitor of the metrics stack).
+    evaluate["ports"] = [{"name": "metrics", "containerPort": spec.metrics_port}]
+    # The gate's reason is the termination message; an out-of-memory kill leaves the log tail instead.
+    evaluate["terminationMessagePolicy"] = "FallbackToLogsOnError"
+    return pods.job_manifest(
+        spec.name, spec.namespace, labels, spec.await_completion, BACKOFF_LIMIT, {
+            **pods.gpu_scheduling(spec.node_group),
+            "serviceAccountName": spec.service_account,
+            **pods.pull_secrets(spec.ngc_pull_secret),
+            "initContainers": [
+                pods.wait_for_container("wait-for-training", spec.image, spec.training_marker, spec.wait_seconds,
+                                        mounts),
+                pods.script_container("export", spec.image, "export.py", share.resources(devices=False), mounts),
+            ],
+            "containers": [evaluate],
+            "volumes": pods.volumes(spec.run_configmap, share.shm_gib),
         },
-    }
+        # A failed gate fails the Job at once, with the reason in the pod's termination message; other
+        # failures (a node lost, an out-of-memory) are retried.
+        podFailurePolicy={"rules": [{"action": "FailJob", "onExitCodes": {
+            "containerName": "evaluate", "operator": "In", "values": [GATE_FAILED_EXIT_CODE]}}]})

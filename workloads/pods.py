@@ -10,7 +10,7 @@ from typing import Any, Mapping, Sequence
 from infra.addons import FSX_CLAIM_NAME
 from infra.catalog import InstanceType
 from infra.gpu_nodes import NODE_GROUP_LABEL, gpu_tolerations
-from workloads.entrypoints.layout import ENTRYPOINTS_DIR, FSX_MOUNT, RUN_CONFIG_DIR, failure_marker
+from workloads.entrypoints.layout import ENTRYPOINTS_DIR, FSX_MOUNT, RUN_CONFIG_DIR, RUN_CONFIG_FILE, failure_marker
 
 PART_OF = "nemo-eks"
 ENTRYPOINTS_CONFIGMAP = "nemo-eks-entrypoints"
@@ -50,11 +50,13 @@ class PodShare:
     memory_gib: int
     shm_gib: int
 
-    def resources(self) -> dict[str, Any]:
+    def resources(self, devices: bool = True) -> dict[str, Any]:
+        """Requests and limits; ``devices=False`` leaves out GPUs and EFA (for init containers, which run
+        before the main container and share the pod's devices)."""
         amounts: dict[str, Any] = {"cpu": str(self.cpu), "memory": f"{self.memory_gib}Gi"}
-        if self.gpus:
+        if self.gpus and devices:
             amounts[GPU_RESOURCE] = self.gpus
-        if self.efa:
+        if self.efa and devices:
             amounts[EFA_RESOURCE] = self.efa
         # Requests equal limits: Guaranteed QoS, so a training pod is the last the kubelet evicts.
         return {"requests": dict(amounts), "limits": dict(amounts)}
@@ -121,9 +123,36 @@ def pull_secrets(ngc: bool) -> dict[str, Any]:
     return {"imagePullSecrets": [{"name": NGC_PULL_SECRET}]} if ngc else {}
 
 
+NO_PRIVILEGES: Mapping[str, Any] = {"allowPrivilegeEscalation": False, "capabilities": {"drop": ["ALL"]}}
+
+
 def container_security() -> dict[str, Any]:
     # EFA registers GPU and host memory with the NIC: it needs to lock memory (IPC_LOCK), nothing else.
     return {"allowPrivilegeEscalation": False, "capabilities": {"drop": ["ALL"], "add": ["IPC_LOCK"]}}
+
+
+def script_container(name: str, image: str, script: str, resources: dict[str, Any],
+                     mounts: Sequence[dict[str, Any]], *extra_args: str,
+                     env_values: Mapping[str, str] | None = None, hf_token: bool = False) -> dict[str, Any]:
+    """A container that runs one of our entrypoints on the pod's run.json."""
+    return {"name": name, "image": image, "command": ["python3"],
+            "args": [f"{ENTRYPOINTS_DIR}/{script}", "--config", str(RUN_CONFIG_FILE), *extra_args],
+            "env": env({"PYTHONUNBUFFERED": "1", **(env_values or {})}, hf_token=hf_token),
+            "resources": resources, "volumeMounts": list(mounts), "securityContext": dict(NO_PRIVILEGES)}
+
+
+def job_manifest(name: str, namespace: str, labels: Mapping[str, str], await_completion: bool,
+                 backoff_limit: int, pod_spec: dict[str, Any], **job_spec: Any) -> dict[str, Any]:
+    """A batch/v1 Job of the pipeline. No ttlSecondsAfterFinished: a Job deleted by its TTL would be created
+    again by the next `pulumi up`. Unless `pulumi up` is to wait for it, Pulumi does not await it."""
+    return {
+        "apiVersion": "batch/v1",
+        "kind": "Job",
+        "metadata": {"name": name, "namespace": namespace, "labels": dict(labels),
+                     "annotations": {} if await_completion else {"pulumi.com/skipAwait": "true"}},
+        "spec": {"backoffLimit": backoff_limit, **job_spec,
+                 "template": {"metadata": {"labels": dict(labels)}, "spec": {"restartPolicy": "Never", **pod_spec}}},
+    }
 
 
 def wait_for_container(name: str, image: str, marker: str, timeout_seconds: int,
@@ -134,5 +163,4 @@ def wait_for_container(name: str, image: str, marker: str, timeout_seconds: int,
             "--failure-marker", failure_marker(marker)]
     return {"name": name, "image": image, "command": ["python3"], "args": args,
             "resources": {"requests": {"cpu": "100m", "memory": "128Mi"}, "limits": {"cpu": "500m", "memory": "256Mi"}},
-            "volumeMounts": list(mounts), "securityContext": {"allowPrivilegeEscalation": False,
-                                                             "capabilities": {"drop": ["ALL"]}}}
+            "volumeMounts": list(mounts), "securityContext": dict(NO_PRIVILEGES)}

@@ -49,14 +49,10 @@ def _pod_template(spec: TrainingSpec, role: str) -> dict[str, Any]:
     share = pods.pod_share(spec.instance, spec.instance.gpus, efa=spec.instance.efa)
     mounts = pods.volume_mounts()
     compute = share.resources()
-    cpu_and_memory = {kind: {k: v for k, v in amounts.items() if k in ("cpu", "memory")} for kind, amounts in compute.items()}
     if role == "master":
         # Once per run, before any rank starts: lay out the data and import the base model.
-        init = {"name": "prepare", "image": spec.image, "command": ["python3"],
-                "args": [f"{ENTRYPOINTS_DIR}/finetune.py", "--config", str(RUN_CONFIG_FILE), "--prepare"],
-                "env": pods.env({"PYTHONUNBUFFERED": "1"}, hf_token=spec.hf_token),
-                "resources": cpu_and_memory, "volumeMounts": mounts,
-                "securityContext": {"allowPrivilegeEscalation": False, "capabilities": {"drop": ["ALL"]}}}
+        init = pods.script_container("prepare", spec.image, "finetune.py", share.resources(devices=False), mounts,
+                                     "--prepare", hf_token=spec.hf_token)
     else:
         init = pods.wait_for_container("wait-for-prepare", spec.image, spec.prepared_marker, spec.wait_seconds, mounts)
     container = {
