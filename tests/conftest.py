@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import json
+import socket
 from typing import Any
 
 import pytest
+from moto.server import ThreadedMotoServer
 
 from tools import synth
 
@@ -41,3 +43,15 @@ def synth_config(name: str, overrides: dict[str, Any], stack: str = "test",
 @pytest.fixture(params=synth.stack_names())
 def stack_synth(request) -> synth.Synth:
     return synth_stack(request.param)
+
+
+@pytest.fixture(scope="session")
+def moto_endpoint():
+    """A real moto server on 127.0.0.1, reached through AWS_ENDPOINT_URL as the CLIs would reach AWS."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    yield f"http://127.0.0.1:{port}"
+    server.stop()

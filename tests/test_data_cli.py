@@ -6,30 +6,13 @@ from __future__ import annotations
 import base64
 import hashlib
 import json
-import socket
 
 import boto3
 import pytest
-from moto.server import ThreadedMotoServer
 
 from tools import data
 
 STACK = "dev"  # a real stack file: the CLI takes its dataset name ("default") and sequence length from it
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-@pytest.fixture(scope="module")
-def moto_endpoint():
-    port = _free_port()
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
-    server.start()
-    yield f"http://127.0.0.1:{port}"
-    server.stop()
 
 
 @pytest.fixture

@@ -13,14 +13,12 @@ for the answers moto cannot give: a quota value, a reservation, the EKS version 
 from __future__ import annotations
 
 import json
-import socket
 import urllib.request
 from datetime import datetime, timedelta, timezone
 
 import boto3
 import pytest
 from botocore.stub import Stubber
-from moto.server import ThreadedMotoServer
 
 from infra import config
 from tests.conftest import raw_config
@@ -29,22 +27,6 @@ from tools.preflight import FAIL, PASS, WARN, Check
 
 NOW = datetime(2026, 11, 20, 12, 0, tzinfo=timezone.utc)
 RID = "cr-0123456789abcdef0"
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-@pytest.fixture(scope="module")
-def moto_endpoint():
-    # The same server tests/test_data_cli.py starts; its fixture lives in that module, so it is repeated here.
-    port = _free_port()
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
-    server.start()
-    yield f"http://127.0.0.1:{port}"
-    server.stop()
 
 
 @pytest.fixture

@@ -3,7 +3,7 @@
 Runs in .venv-nemo via tests/nemo/run.sh, which writes each stack's run.json into NEMO_EKS_RUNS_DIR with the main
 environment (the config code needs Pulumi-side packages this environment does not have). Nothing trains: the
 configuration is built with fiddle exactly as ``nemo_run.run(recipe, direct=True)`` builds it in the pod, with two
-test-only overrides because this machine has neither a GPU nor Transformer Engine: the trainer's accelerator
+test-only overrides because the test environment has neither a GPU nor Transformer Engine: the trainer's accelerator
 (cpu, one device) and ``apply_rope_fusion=False`` (Megatron's config rejects the fused RoPE without TE).
 """
 
