@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import socket
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -55,3 +57,16 @@ def moto_endpoint():
     server.start()
     yield f"http://127.0.0.1:{port}"
     server.stop()
+
+
+def relocate(run: dict[str, Any], root: Path) -> dict[str, Any]:
+    """A run.json with its /fsx paths under a temporary directory, for running entrypoints here."""
+    moved = copy.deepcopy(run)
+    moved["paths"] = {k: str(root) + v[len("/fsx"):] for k, v in run["paths"].items()}
+    return moved
+
+
+def write_run(run: dict[str, Any], root: Path) -> str:
+    path = root / "run.json"
+    path.write_text(json.dumps(run))
+    return str(path)

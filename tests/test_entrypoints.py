@@ -21,6 +21,7 @@ from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2
 
 from infra import config
+from tests.conftest import relocate, write_run
 from tools import synth
 from workloads import runconfig
 
@@ -51,18 +52,6 @@ def llmapi_variant(run: dict) -> dict:
 RUNS = {stack: stack_run(stack) for stack in synth.stack_names()}
 ALL_RUNS = {**RUNS, **{f"{s}-llmapi": llmapi_variant(r) for s, r in RUNS.items()}}
 
-
-def relocate(run: dict, root: Path) -> dict:
-    """The run with its /fsx paths under a temporary directory."""
-    moved = copy.deepcopy(run)
-    moved["paths"] = {k: str(root) + v[len("/fsx"):] for k, v in run["paths"].items()}
-    return moved
-
-
-def write_run(run: dict, root: Path) -> str:
-    path = root / "run.json"
-    path.write_text(json.dumps(run))
-    return str(path)
 
 
 def examples(count: int, start: int = 0) -> list[dict]:

@@ -22,6 +22,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from infra import config
+from tests.conftest import relocate, write_run
 from tools import synth
 from workloads import runconfig
 
@@ -43,17 +44,6 @@ def evaluation_run(stack: str) -> dict:
 
 EVAL_RUNS = {stack: evaluation_run(stack) for stack in synth.stack_names()}
 
-
-def relocate(run: dict, root: Path) -> dict:
-    moved = copy.deepcopy(run)
-    moved["paths"] = {k: str(root) + v[len("/fsx"):] for k, v in run["paths"].items()}
-    return moved
-
-
-def write_run(run: dict, root: Path) -> str:
-    path = root / "run.json"
-    path.write_text(json.dumps(run))
-    return str(path)
 
 
 # --------------------------------------------------------------------------------------------------

@@ -131,15 +131,23 @@ def upload_file(s3, path: str, bucket: str, key: str) -> dict[str, Any]:
 # Commands
 
 
-def cmd_validate(args) -> int:
-    seq_length = args.seq_length or stack_defaults(args.stack).seq_length
+def _load_and_report(args, seq_length: int):
+    """Validate the files and print the report; None when the data is bad (the report is on stderr)."""
     try:
         train, validation, reports = dataset.load_dataset(args.file, args.validation, seq_length)
     except dataset.DatasetError as exc:
         print(exc, file=sys.stderr)
-        return 1
+        return None
     for report in reports:
         print(report.render())
+    return train, validation
+
+
+def cmd_validate(args) -> int:
+    loaded = _load_and_report(args, args.seq_length or stack_defaults(args.stack).seq_length)
+    if loaded is None:
+        return 1
+    train, validation = loaded
     print(f"{len(train)} training and {len(validation)} validation example(s)"
           + ("" if args.validation else " (validation split derived from the file)"))
     return 0
@@ -150,14 +158,10 @@ def cmd_upload(args) -> int:
     name = args.dataset or defaults.dataset or "default"
     if not _DATASET_NAME.fullmatch(name) or ".." in name:
         raise CliError(f"--dataset {name!r}: letters, digits, '.', '_', '-' only")
-    seq_length = args.seq_length or defaults.seq_length
-    try:
-        train, validation, reports = dataset.load_dataset(args.file, args.validation, seq_length)
-    except dataset.DatasetError as exc:
-        print(exc, file=sys.stderr)
+    loaded = _load_and_report(args, args.seq_length or defaults.seq_length)
+    if loaded is None:
         return 1
-    for report in reports:
-        print(report.render())
+    train, validation = loaded
     s3 = s3_client()
     bucket = args.bucket or find_datasets_bucket(s3, args.stack)
     with tempfile.TemporaryDirectory() as tmp:

@@ -29,6 +29,19 @@ STACK_FILES = sorted((ROOT / "stacks").glob("Pulumi.*.yaml"))
 pytestmark = pytest.mark.skipif(not RUNS_DIR, reason="run through tests/nemo/run.sh (sets NEMO_EKS_RUNS_DIR)")
 
 
+def build_for_test(run_file: Path):
+    """The real NeMo objects of a stack's run, with the two test-only overrides (CPU, no fused RoPE)."""
+    import fiddle as fdl
+
+    run = json.loads(run_file.read_text())
+    recipe = finetune.build_recipe(run)
+    testable = copy.deepcopy(recipe)
+    testable.trainer.accelerator, testable.trainer.devices, testable.trainer.num_nodes = "cpu", 1, 1
+    testable.model.config.apply_rope_fusion = False
+    partial = fdl.build(testable)  # functools.partial(llm.finetune, model=..., trainer=..., ...)
+    return run, recipe, partial.func, partial.keywords
+
+
 def test_every_stack_has_a_run_file():
     stacks = {p.name[len("Pulumi."):-len(".yaml")] for p in STACK_FILES}
     assert {p.stem for p in RUN_FILES} == stacks
@@ -36,15 +49,7 @@ def test_every_stack_has_a_run_file():
 
 @pytest.fixture(scope="module", params=RUN_FILES, ids=lambda p: p.stem)
 def built(request):
-    import fiddle as fdl
-
-    run = json.loads(request.param.read_text())
-    recipe = finetune.build_recipe(run)
-    testable = copy.deepcopy(recipe)
-    testable.trainer.accelerator, testable.trainer.devices, testable.trainer.num_nodes = "cpu", 1, 1
-    testable.model.config.apply_rope_fusion = False
-    partial = fdl.build(testable)  # functools.partial(llm.finetune, model=..., trainer=..., ...)
-    return run, recipe, partial.func, partial.keywords
+    return build_for_test(request.param)
 
 
 def test_the_run_is_llm_finetune(built):

@@ -9,7 +9,6 @@ what an in-process scrape of /metrics returns. The servers bind 127.0.0.1 on a f
 from __future__ import annotations
 
 import copy
-import json
 import os
 import sys
 import urllib.request
@@ -21,6 +20,7 @@ ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT / "workloads" / "entrypoints"))
 
 import finetune  # noqa: E402
+from test_finetune_nemo import build_for_test  # noqa: E402
 import training_metrics as tm  # noqa: E402
 
 RUNS_DIR = os.environ.get("NEMO_EKS_RUNS_DIR")
@@ -51,15 +51,8 @@ def exporters(callbacks) -> list:
 
 @pytest.fixture(scope="module", params=RUN_FILES, ids=lambda p: p.stem)
 def built(request):
-    import fiddle as fdl
-
-    run = json.loads(request.param.read_text())
-    recipe = finetune.build_recipe(run)
-    testable = copy.deepcopy(recipe)
-    testable.trainer.accelerator, testable.trainer.devices, testable.trainer.num_nodes = "cpu", 1, 1
-    testable.model.config.apply_rope_fusion = False
-    partial = fdl.build(testable)
-    return run, recipe, partial.keywords
+    run, recipe, _, keywords = build_for_test(request.param)
+    return run, recipe, keywords
 
 
 @pytest.fixture
