@@ -11,7 +11,7 @@ help:
 	@echo "make plan-all            offline plan of every stack file"
 	@echo "make test                unit, mock, schema, moto and NeMo-environment tests (what CI runs)"
 	@echo "make sizing              the sizing matrix: every variant x method x GPU type (Markdown)"
-	@echo "make docs                rewrite README.md's generated tables (config keys, sizing)"
+	@echo "make docs                rewrite the generated tables of docs/ (config keys, sizing)"
 	@echo "make bench               time the planner over the full matrix"
 
 $(VENV)/.installed: requirements.txt requirements-dev.txt

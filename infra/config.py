@@ -1,7 +1,7 @@
 """The stack configuration as typed, frozen objects, and ALL of its validation.
 
 Every key the program reads is declared once in ``KEYS`` (name, type, default, allowed values, meaning).
-The loader reads values through that table, the README's configuration table is generated from it
+The loader reads values through that table, docs/configuration.md's table is generated from it
 (``make docs``), and a key that is not in it is rejected as a likely typo. A bad value
 raises ``ConfigError`` naming the key, the value and what is allowed, before any resource is declared.
 """
@@ -24,7 +24,7 @@ REQUIRED = object()  # sentinel default: the key must be set
 
 
 class Derived(str):
-    """A default computed from other keys or the sizing plan; the text says from what (for the README)."""
+    """A default computed from other keys or the sizing plan; the text says from what (for the docs)."""
 
 
 class ConfigError(ValueError):

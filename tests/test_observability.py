@@ -104,10 +104,11 @@ def test_alerts_cover_the_issue_list_and_have_runbooks():
                           "NemoTritonRequestFailures", "NemoTritonQueueTimeHigh"}
     assert rules["NemoGpuUtilizationLow"]["for"] == "15m" and "< 80" in rules["NemoGpuUtilizationLow"]["expr"]
     assert "> 0.95" in rules["NemoGpuMemoryHigh"]["expr"]
-    readme = (synth.ROOT / "README.md").read_text()
+    runbook = (synth.ROOT / "docs" / "runbook.md").read_text()
     for name, rule in rules.items():
-        anchor = rule["annotations"]["runbook_url"].rsplit("#", 1)[1]
-        assert f'<a id="{anchor}"></a>' in readme, name
+        url, anchor = rule["annotations"]["runbook_url"].rsplit("#", 1)
+        assert url.endswith("/docs/runbook.md"), url
+        assert f'<a id="{anchor}"></a>' in runbook, name
 
 
 def test_alert_thresholds_come_from_config():

@@ -267,8 +267,8 @@ def test_no_node_count_fits_names_the_instance_type(monkeypatch):
     assert "a setting that fits: 2 x p5e.48xlarge" in str(caught.value) and "GiB per GPU" in str(caught.value)
 
 
-def test_readme_example_error_is_what_the_code_says():
-    readme = (synth.ROOT / "README.md").read_text()
+def test_documented_example_error_is_what_the_code_says():
+    readme = (synth.ROOT / "docs" / "sizing.md").read_text()
     with pytest.raises(ConfigError) as caught:
         stack(OVERRIDES[0][0])
     assert str(caught.value) in readme

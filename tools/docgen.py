@@ -1,9 +1,9 @@
-"""README blocks generated from code, so the README cannot drift from it.
+"""Documentation blocks generated from code, so the docs cannot drift from it.
 
     python -m tools.docgen config      # print the stack-config table (from infra/config.py)
     python -m tools.docgen sizing      # print the sizing matrix (from infra/sizing.py)
     python -m tools.docgen seed        # print the check of the common sizing table
-    python -m tools.docgen --write     # rewrite every generated block of README.md in place
+    python -m tools.docgen --write     # rewrite every generated block of the docs/ pages in place
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from typing import Callable
 from infra import sizing
 from infra.config import KEYS, REQUIRED, Derived, Key
 
-README = Path(__file__).resolve().parent.parent / "README.md"
+DOCS = Path(__file__).resolve().parent.parent / "docs"
 
 
 def _default(key: Key) -> str:
@@ -49,24 +49,31 @@ BLOCKS: dict[str, Callable[[], str]] = {
     "sizing": sizing.matrix,
     "seed": sizing.seed_table_markdown,
 }
+# The page each generated block lives in.
+PAGES: dict[str, tuple[str, ...]] = {
+    "configuration.md": ("config",),
+    "sizing.md": ("sizing", "seed"),
+}
 
 
 def block(name: str) -> str:
     return f"<!-- generated:{name} (make docs; do not edit by hand) -->\n{BLOCKS[name]()}\n<!-- end:{name} -->"
 
 
-def rewrite(text: str) -> str:
-    for name in BLOCKS:
+def rewrite(page: str, text: str) -> str:
+    for name in PAGES[page]:
         pattern = re.compile(rf"<!-- generated:{name} .*?<!-- end:{name} -->", re.S)
         if not pattern.search(text):
-            raise SystemExit(f"README.md has no generated:{name} block")
+            raise SystemExit(f"docs/{page} has no generated:{name} block")
         text = pattern.sub(lambda _: block(name), text)
     return text
 
 
 def main(argv: list[str]) -> int:
     if argv == ["--write"]:
-        README.write_text(rewrite(README.read_text()))
+        for page in PAGES:
+            path = DOCS / page
+            path.write_text(rewrite(page, path.read_text()))
         return 0
     if len(argv) == 1 and argv[0] in BLOCKS:
         print(BLOCKS[argv[0]]())

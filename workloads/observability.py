@@ -19,7 +19,7 @@ from infra.config import MonitoringConfig
 from workloads import pods
 
 TRAINING_METRICS_PORT = 9401
-RUNBOOK = "https://github.com/nemo-eks/nemo-eks/blob/main/README.md#runbook-{}"
+RUNBOOK = "https://github.com/nemo-eks/nemo-eks/blob/main/docs/runbook.md#runbook-{}"
 DASHBOARD_LABEL = {"grafana_dashboard": "1"}  # kube-prometheus-stack's Grafana sidecar loads these ConfigMaps
 
 GPU_UTIL = "DCGM_FI_DEV_GPU_UTIL"
