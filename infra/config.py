@@ -27,14 +27,24 @@ class Derived(str):
     """A default computed from other keys or the sizing plan; the text says from what (for the docs)."""
 
 
+def show_value(value: Any) -> str:
+    """A value as the person wrote it: YAML's spelling for the numbers JSON has no word for."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return ".nan" if math.isnan(value) else (".inf" if value > 0 else "-.inf")
+    return repr(value) if isinstance(value, str) else json.dumps(value)
+
+
 class ConfigError(ValueError):
     """A stack-config value that cannot work. The message is written for the person editing the stack file."""
 
     def __init__(self, key: str, value: Any, allowed: str, hint: str = ""):
-        self.key, self.value, self.allowed = key, value, allowed
-        shown = json.dumps(value) if not isinstance(value, str) else repr(value)
-        message = f"stack config '{key}': {shown} is not valid; allowed: {allowed}"
-        super().__init__(message + (f". {hint}" if hint else ""))
+        self.key, self.value, self.allowed, self.hint = key, value, allowed, hint
+        super().__init__(self.render(f"stack config '{key}'"))
+
+    def render(self, subject: str) -> str:
+        """The message about ``subject`` (a stack-config key, or the command-line flag it stands for)."""
+        message = f"{subject}: {show_value(self.value)} is not valid; allowed: {self.allowed}"
+        return message + (f". {self.hint}" if self.hint else "")
 
 
 @dataclass(frozen=True)
@@ -352,12 +362,16 @@ class _Section:
             return default if default is not None else spec.default
         return (convert or _CONVERTERS[spec.type])(self.where(name), value, spec)
 
-    def finish(self) -> None:
+    def known(self) -> list[str]:
+        """The names this mapping may hold: its keys and, at the top, the sections (``training``, ``model``...)."""
+        rests = (p[len(self.spec_prefix):] for p in _KEYS_BY_PATH if p.startswith(self.spec_prefix) and ":" not in p)
+        return sorted({rest.split(".")[0].split("[")[0] for rest in rests})
+
+    def finish(self, names: Sequence[str] | None = None) -> None:
         """Reject keys the table does not know: a misspelt key would otherwise be silently ignored."""
-        unknown = sorted(set(self.data) - self.read)
+        known = self.known()
+        unknown = sorted(set(self.data) - self.read) if names is None else sorted(set(names) - set(known))
         if unknown:
-            known = sorted(p[len(self.spec_prefix):] for p in _KEYS_BY_PATH if p.startswith(self.spec_prefix)
-                           and "." not in p[len(self.spec_prefix):] and "[" not in p[len(self.spec_prefix):])
             close = difflib.get_close_matches(unknown[0], known, n=1)
             hint = f"Did you mean '{close[0]}'?" if close else ""
             raise ConfigError(f"{self.display or PROJECT}.{unknown[0]}".replace(f"{PROJECT}.", f"{PROJECT}:"),
@@ -370,23 +384,48 @@ def _as_string(where: str, value: Any, spec: Key) -> str:
     return str(value)
 
 
+# The only numbers that may be negative: a gate that tolerates a worse loss. Everywhere else a negative count,
+# size or duration is a typo, whatever range check follows.
+_SIGNED_KEYS = frozenset({"evaluation.minLossImprovementPercent"})
+
+
+def _not_negative(where: str, value: float, spec: Key) -> None:
+    if value < 0 and spec.path not in _SIGNED_KEYS:
+        raise ConfigError(where, value, spec.allowed, "Negative numbers have no meaning here")
+
+
 def _as_integer(where: str, value: Any, spec: Key) -> int:
     if isinstance(value, bool):
         raise ConfigError(where, value, spec.allowed)
     if isinstance(value, int):
-        return value
-    if isinstance(value, str) and re.fullmatch(r"-?\d+", value.strip()):
-        return int(value)
-    raise ConfigError(where, value, f"a whole number; {spec.allowed}")
+        number = value
+    elif isinstance(value, str) and re.fullmatch(r"-?\d+", value.strip()):
+        number = int(value)
+    else:
+        raise ConfigError(where, _as_shown_number(value), f"a whole number; {spec.allowed}")
+    _not_negative(where, number, spec)
+    return number
 
 
 def _as_number(where: str, value: Any, spec: Key) -> float:
     if isinstance(value, bool):
         raise ConfigError(where, value, spec.allowed)
     try:
-        return float(value)
+        number = float(value)
     except (TypeError, ValueError):
         raise ConfigError(where, value, f"a number; {spec.allowed}") from None
+    if not math.isfinite(number):
+        # YAML reads .inf and .nan as numbers; JSON (sizing.json, run.json) cannot even write them.
+        raise ConfigError(where, number, f"a finite number; {spec.allowed}")
+    _not_negative(where, number, spec)
+    return number
+
+
+def _as_shown_number(value: Any) -> Any:
+    """``Infinity``/``NaN`` (how a YAML .inf reaches the program through JSON) shown as the number it was."""
+    if isinstance(value, str) and value.strip() in ("Infinity", "-Infinity", "NaN"):
+        return float(value.strip().replace("Infinity", "inf"))
+    return value
 
 
 def _as_boolean(where: str, value: Any, spec: Key) -> bool:
@@ -448,6 +487,17 @@ def _section(root: _Section, name: str) -> _Section:
     return _Section(data, where, f"{name}.")
 
 
+def _ipv4_network(where: str, value: str, allowed: str) -> ipaddress.IPv4Network:
+    try:
+        return ipaddress.IPv4Network(value)
+    except ValueError:
+        try:
+            network = ipaddress.IPv4Network(value, strict=False)
+        except ValueError:
+            raise ConfigError(where, value, allowed) from None
+        raise ConfigError(where, value, allowed, f"Host bits are set: the network address is {network}") from None
+
+
 def _check(condition: bool, where: str, value: Any, allowed: str, hint: str = "") -> None:
     if not condition:
         raise ConfigError(where, value, allowed, hint)
@@ -475,15 +525,23 @@ def load(raw: Mapping[str, Any], stack: str, project: str = PROJECT, secret_keys
     ``secret_keys`` names the keys Pulumi holds encrypted."""
     # The stack name is in bucket, role and node-group names, which AWS limits to 63-64 characters.
     _check(bool(_STACK.fullmatch(stack)), "stack name", stack, "lower-case letters, digits and '-', at most 24")
+    for key in raw:
+        check_config_key(key)
     root = _Section({k.split(":", 1)[1]: v for k, v in raw.items() if k.startswith(f"{PROJECT}:")}, "", "")
+    # Unknown names first: a misspelt section (`modle`) would otherwise fall back to defaults and fail, or
+    # pass, for a reason that has nothing to do with the typo.
+    root.finish(names=list(root.data))
     region = _as_string("aws:region", raw.get("aws:region") or "", _KEYS_BY_PATH["aws:region"])
     _check(bool(_REGION.fullmatch(region)), "aws:region", region or None, _KEYS_BY_PATH["aws:region"].allowed,
            "Set it with `pulumi config set aws:region us-east-1`")
 
     version = root.get("kubernetesVersion")
     match = re.fullmatch(r"1\.(\d+)", version)
+    # An unquoted 1.30 is the number 1.3 to YAML; the minor version lost its zero before it got here.
+    misread = f"YAML reads an unquoted {version}0 as the number {version}: quote it, \"{version}0\"" \
+        if re.fullmatch(r"1\.\d", version) else ""
     _check(bool(match) and int(match.group(1)) >= MIN_KUBERNETES_MINOR, root.where("kubernetesVersion"), version,
-           _KEYS_BY_PATH["kubernetesVersion"].allowed)
+           _KEYS_BY_PATH["kubernetesVersion"].allowed, misread)
 
     namespace = root.get("namespace")
     _check(bool(_DNS_LABEL.fullmatch(namespace)) and len(namespace) <= 63, root.where("namespace"), namespace,
@@ -512,10 +570,7 @@ def load(raw: Mapping[str, Any], stack: str, project: str = PROJECT, secret_keys
 
 def _load_network(s: _Section, region: str) -> NetworkConfig:
     cidr = s.get("vpcCidr")
-    try:
-        net = ipaddress.IPv4Network(cidr)
-    except ValueError:
-        raise ConfigError(s.where("vpcCidr"), cidr, _KEYS_BY_PATH["network.vpcCidr"].allowed) from None
+    net = _ipv4_network(s.where("vpcCidr"), cidr, _KEYS_BY_PATH["network.vpcCidr"].allowed)
     _check(16 <= net.prefixlen <= 20, s.where("vpcCidr"), cidr, _KEYS_BY_PATH["network.vpcCidr"].allowed)
 
     existing_vpc = s.get("existingVpcId")
@@ -556,10 +611,7 @@ def _load_cluster(s: _Section, version: str) -> ClusterConfig:
     public = s.get("publicEndpoint")
     cidrs = s.get("publicAccessCidrs")
     for cidr in cidrs:
-        try:
-            ipaddress.IPv4Network(cidr)
-        except ValueError:
-            raise ConfigError(s.where("publicAccessCidrs"), cidr, "IPv4 CIDRs such as 203.0.113.0/24") from None
+        _ipv4_network(s.where("publicAccessCidrs"), cidr, "IPv4 CIDRs such as 203.0.113.0/24")
     _check(not public or bool(cidrs), s.where("publicAccessCidrs"), list(cidrs),
            "at least one CIDR when cluster.publicEndpoint is true",
            "An open public endpoint must be asked for explicitly, e.g. [\"0.0.0.0/0\"]")
@@ -653,6 +705,37 @@ def _size_gpu_node_groups(drafts: Sequence[_GroupDraft], workload: _Workload) ->
     return tuple(groups)
 
 
+# The training request's numbers, in TrainingRequest's order.
+TRAINING_NUMBERS = ("seqLength", "microBatchSize", "globalBatchSize", "loraRank", "datasetTokens", "epochs",
+                    "nodes", "tp", "pp")
+
+
+def _check_fixed_count(where: Callable[[str], str], name: str, value: int | None) -> None:
+    """A count the planner chooses when it is unset; 0 is not a way to say "choose"."""
+    _check(value is None or value >= 1, where(name), value, ">= 1",
+           f"Leave {where(name)} unset to let the planner choose")
+
+
+def check_training_numbers(model: sizing.ModelSpec, numbers: Mapping[str, Any], where: Callable[[str], str]) -> None:
+    """The limits of a training request's numbers (``TRAINING_NUMBERS``; None where unset). The stack config and
+    ``python -m infra.sizing`` both check through here, so they accept exactly the same values; ``where`` names a
+    setting for the message (a stack-config key, or a command-line flag)."""
+    seq_length = numbers["seqLength"]
+    _check(128 <= seq_length <= model.max_seq_length, where("seqLength"), seq_length,
+           f"128..{model.max_seq_length} ({model.display})")
+    micro, global_batch = numbers["microBatchSize"], numbers["globalBatchSize"]
+    _check(1 <= micro <= 64, where("microBatchSize"), micro, "1..64")
+    _check(global_batch >= micro, where("globalBatchSize"), global_batch, f">= microBatchSize ({micro})")
+    rank = numbers["loraRank"]
+    _check(1 <= rank <= 512, where("loraRank"), rank, "1..512")
+    dataset_tokens = numbers["datasetTokens"]
+    _check(dataset_tokens is None or dataset_tokens >= 1, where("datasetTokens"), dataset_tokens, ">= 1")
+    epochs = numbers["epochs"]
+    _check(math.isfinite(epochs) and epochs > 0, where("epochs"), epochs, "a finite number > 0")
+    for name in ("nodes", "tp", "pp"):
+        _check_fixed_count(where, name, numbers[name])
+
+
 _SIZING_KEYS = {"method": "training.method", "precision": "training.precision", "seq_length": "training.seqLength",
                 "global_batch_size": "training.globalBatchSize", "micro_batch_size": "training.microBatchSize",
                 "lora_rank": "training.loraRank", "epochs": "training.epochs", "tp": "training.tp",
@@ -694,21 +777,9 @@ def _load_model_and_plan(root: _Section, drafts: Sequence[_GroupDraft]) -> _Work
 
     method = _in(t.where("method"), t.get("method"), sizing.METHODS)
     precision = _in(t.where("precision"), t.get("precision"), sizing.PRECISIONS)
-    seq_length = t.get("seqLength")
-    _check(128 <= seq_length <= model.max_seq_length, t.where("seqLength"), seq_length,
-           f"128..{model.max_seq_length} ({model.display})")
-    micro, global_batch = t.get("microBatchSize"), t.get("globalBatchSize")
-    _check(1 <= micro <= 64, t.where("microBatchSize"), micro, "1..64")
-    _check(global_batch >= micro, t.where("globalBatchSize"), global_batch, f">= microBatchSize ({micro})")
-    rank = t.get("loraRank")
-    _check(1 <= rank <= 512, t.where("loraRank"), rank, "1..512")
-    dataset_tokens = t.get("datasetTokens")
-    _check(dataset_tokens is None or dataset_tokens >= 1, t.where("datasetTokens"), dataset_tokens, ">= 1")
-    epochs = t.get("epochs")
-    _check(epochs > 0, t.where("epochs"), epochs, "> 0")
-    nodes, tp, pp = t.get("nodes", 0) or None, t.get("tp", 0) or None, t.get("pp", 0) or None
-    for name, value in (("nodes", nodes), ("tp", tp), ("pp", pp)):
-        _check(value is None or value >= 1, t.where(name), value, ">= 1")
+    numbers = {name: t.get(name) for name in TRAINING_NUMBERS}
+    check_training_numbers(model, numbers, t.where)
+    seq_length, micro, global_batch, rank, dataset_tokens, epochs, nodes, tp, pp = numbers.values()
     max_steps = t.get("maxSteps")
     if max_steps is None:
         max_steps = math.ceil(dataset_tokens * epochs / (global_batch * seq_length)) if dataset_tokens else 1000
@@ -721,7 +792,8 @@ def _load_model_and_plan(root: _Section, drafts: Sequence[_GroupDraft]) -> _Work
     _check(max_replicas >= min_replicas, v.where("maxReplicas"), max_replicas, f">= minReplicas ({min_replicas})")
     target_queue = v.get("targetQueueTimeMs")
     _check(1 <= target_queue <= 60000, v.where("targetQueueTimeMs"), target_queue, "1..60000")
-    serving_tp = v.get("tp", 0) or None
+    serving_tp = v.get("tp")
+    _check_fixed_count(v.where, "tp", serving_tp)
     serving_seq = v.get("maxSeqLength", seq_length)
     _check(128 <= serving_seq <= model.max_seq_length, v.where("maxSeqLength"), serving_seq,
            f"128..{model.max_seq_length} ({model.display})")
@@ -882,6 +954,184 @@ def _load_addons(s: _Section) -> AddonsConfig:
     s.finish()
     return AddonsConfig(versions["nvidiaDevicePluginVersion"], versions["efaDevicePluginVersion"],
                         versions["podIdentityAgentVersion"], versions["fsxCsiDriverVersion"])
+
+
+# --------------------------------------------------------------------------------------------------
+# Config namespaces and stack files
+
+# The namespaces whose keys the program acts on. `nemo-eks:` is the program's own. `aws:` configures the default AWS
+# provider, which every AWS resource here uses (none is given an explicit provider; e.g. aws:region, aws:profile).
+# `pulumi:` holds the engine's own settings, e.g. `pulumi:disable-default-providers` (pulumi/pulumi#8829).
+# Not `kubernetes:`: every Kubernetes resource uses the explicit provider infra/cluster.py builds from the new
+# cluster's kubeconfig, and stack config only configures a default provider ("Default Provider Configuration",
+# https://www.pulumi.com/docs/iac/concepts/resources/providers/), so such a key would be silently ignored. Not
+# `eks:`: pulumi-eks declares no provider configuration (pulumi_eks 4.x has no config module).
+CONFIG_NAMESPACES = (PROJECT, "aws", "pulumi")
+_IGNORED_NAMESPACES = {
+    "kubernetes": "every Kubernetes resource of the program uses its own provider, built from the new cluster's "
+                  "kubeconfig, which stack config does not reach",
+    "eks": "pulumi-eks takes no provider configuration",
+}
+
+
+def check_config_key(key: str) -> None:
+    """A config key must be in a namespace the program reads: a key under any other (`nemo_eks:training`)
+    would be silently ignored."""
+    namespace = key.split(":", 1)[0] if ":" in key else PROJECT
+    if namespace in CONFIG_NAMESPACES:
+        return
+    close = difflib.get_close_matches(namespace, CONFIG_NAMESPACES, n=1, cutoff=0.5)
+    hint = (f"Did you mean '{close[0]}:{key.split(':', 1)[1]}'?" if close
+            else f"A key under '{namespace}:' would be ignored"
+            + (f": {_IGNORED_NAMESPACES[namespace]}" if namespace in _IGNORED_NAMESPACES else ""))
+    raise ConfigError(key, namespace, "the namespaces " + ", ".join(CONFIG_NAMESPACES), hint)
+
+
+class StackFileError(ValueError):
+    """A stack file that cannot be read. The message names the file (and line and column) and the fix."""
+
+
+# The top-level keys of a Pulumi.<stack>.yaml: pulumi/pulumi sdk/go/common/workspace/project.go, type ProjectStack.
+STACK_FILE_KEYS = ("config", "environment", "secretsprovider", "encryptedkey", "encryptionsalt")
+SECRET_PLACEHOLDER = "[secret]"  # a `secure:` value: the ciphertext can only be decrypted by the Pulumi CLI
+
+
+def _strict_loader():
+    import yaml
+
+    class StrictLoader(getattr(yaml, "CSafeLoader", yaml.SafeLoader)):  # the C parser where PyYAML has it
+        """YAML keeps the last of two equal keys in a mapping without a word; a stack file must not."""
+
+        def construct_mapping(self, node, deep=False):
+            seen: dict[Any, Any] = {}
+            for key_node, _ in node.value:
+                if key_node.tag == "tag:yaml.org,2002:merge":
+                    continue
+                key = self.construct_object(key_node, deep=True)
+                try:
+                    first = seen.setdefault(key, key_node.start_mark)
+                except TypeError:  # an unhashable key: the constructor below reports it
+                    continue
+                if first is not key_node.start_mark:
+                    raise _DuplicateKey(key, first, key_node.start_mark)
+            return super().construct_mapping(node, deep)
+
+    return StrictLoader
+
+
+class _DuplicateKey(Exception):
+    def __init__(self, key: Any, first: Any, again: Any):
+        super().__init__(key)
+        self.key, self.first, self.again = key, first, again
+
+
+def _mark(shown: str, mark: Any) -> str:
+    return f"{shown}:{mark.line + 1}:{mark.column + 1}"
+
+
+def read_stack_file(path: Any, shown: str | None = None) -> tuple[dict[str, str], list[str]]:
+    """THE reader of a stack file, for every tool and for the program under `pulumi up`: the config as the Pulumi
+    CLI hands it to the program (every value a string, objects and lists as JSON) and the names of secret keys
+    (their values become ``SECRET_PLACEHOLDER``). Raises StackFileError naming the file, line and column for what
+    YAML or the Pulumi CLI would take silently or with a stack trace, and ConfigError-worded messages for keys
+    in namespaces the program does not read."""
+    import yaml
+    from pathlib import Path
+
+    file = Path(path)
+    shown = shown or str(path)
+    try:
+        text = file.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise StackFileError(f"{shown}: no such stack file") from None
+    except IsADirectoryError:
+        raise StackFileError(f"{shown}: is a directory, not a stack file (Pulumi.<stack>.yaml)") from None
+    except UnicodeDecodeError as error:
+        raise StackFileError(f"{shown}: not UTF-8 text (byte {error.start}); save it as UTF-8") from None
+    loader = _strict_loader()(text)
+    try:
+        node = loader.get_single_node()
+        document = loader.construct_document(node) if node is not None else None
+    except _DuplicateKey as duplicate:
+        raise StackFileError(
+            f"{_mark(shown, duplicate.again)}: key '{duplicate.key}' is written twice in one mapping (first at line "
+            f"{duplicate.first.line + 1}); YAML would silently keep the last one. Keep one of them") from None
+    except yaml.MarkedYAMLError as error:
+        mark = error.problem_mark or error.context_mark
+        problem = error.problem or error.context or "not valid YAML"
+        lines = text.splitlines()
+        tab = mark is not None and mark.line < len(lines) and "\t" in lines[mark.line]
+        fix = ("indent with spaces: YAML does not allow tabs for indentation" if tab or "\t" in problem
+               else "fix the YAML at that place (indentation, a missing ':' or an unclosed quote or bracket)")
+        where = _mark(shown, mark) if mark is not None else shown
+        raise StackFileError(f"{where}: not valid YAML: {problem}; {fix}") from None
+    except yaml.YAMLError as error:
+        raise StackFileError(f"{shown}: not valid YAML: {error}") from None
+    finally:
+        loader.dispose()
+    if document is None:
+        document, node = {}, None
+    if not isinstance(document, dict):
+        raise StackFileError(f"{shown}: the file is a {_yaml_kind(document)}, not a mapping; a stack file is a "
+                             f"mapping with `config:`, e.g. `config:` then `  aws:region: us-east-1`")
+    nodes = {k.value: (k, v) for k, v in node.value} if node is not None else {}
+    for name in document:
+        if name not in STACK_FILE_KEYS:
+            close = difflib.get_close_matches(str(name), STACK_FILE_KEYS, n=1)
+            raise StackFileError(f"{_mark(shown, nodes[name][0].start_mark) if name in nodes else shown}: "
+                                 f"unknown top-level key '{name}'; allowed: {', '.join(STACK_FILE_KEYS)}"
+                                 + (f". Did you mean '{close[0]}'?" if close else ""))
+    settings = document.get("config") or {}
+    config_node = nodes.get("config", (None, None))[1]
+    if not isinstance(settings, dict):
+        where = _mark(shown, config_node.start_mark) if config_node is not None else shown
+        raise StackFileError(f"{where}: `config:` is a {_yaml_kind(settings)}, not a mapping; write one "
+                             f"`<namespace>:<key>: value` per line under it, e.g. `  aws:region: us-east-1`")
+    key_nodes = {k.value: (k, v) for k, v in config_node.value} if config_node is not None else {}
+    raw, secret_keys = {}, []
+    for name, value in settings.items():
+        key_node, value_node = key_nodes.get(name, (None, None))
+        where = _mark(shown, key_node.start_mark) if key_node is not None else shown
+        key = str(name) if ":" in str(name) else f"{PROJECT}:{name}"  # the CLI's reading of a bare key
+        try:
+            check_config_key(key)
+        except ConfigError as error:
+            raise StackFileError(f"{where}: {error}") from None
+        _check_unquoted_strings(key, value, value_node, shown)
+        if isinstance(value, dict) and set(value) == {"secure"}:
+            raw[key], secret_keys = SECRET_PLACEHOLDER, [*secret_keys, key]
+        elif isinstance(value, str):
+            raw[key] = value
+        elif isinstance(value, bool):
+            raw[key] = "true" if value else "false"
+        else:
+            try:
+                raw[key] = json.dumps(value, allow_nan=False, default=str)
+            except ValueError:  # .inf/.nan: leave them to the key's own check, which names and rejects them
+                raw[key] = json.dumps(value, default=str)
+    return raw, secret_keys
+
+
+def _yaml_kind(value: Any) -> str:
+    return {list: "list", str: "string", int: "number", float: "number", bool: "boolean"}.get(type(value), "value")
+
+
+def _check_unquoted_strings(key: str, value: Any, node: Any, shown: str) -> None:
+    """A string-valued key written as a plain number loses characters on the way (1.30 -> 1.3): say to quote it."""
+    if node is None or not key.startswith(f"{PROJECT}:"):
+        return
+    name = key.split(":", 1)[1]
+    pairs = [(name, value, node)]
+    if isinstance(value, dict) and node.tag == "tag:yaml.org,2002:map":
+        pairs += [(f"{name}.{k.value}", value.get(k.value), v) for k, v in node.value]
+    for path, number, value_node in pairs:
+        spec = _KEYS_BY_PATH.get(path)
+        if spec is None or spec.type != "string" or isinstance(number, bool) or not isinstance(number, (int, float)):
+            continue
+        text = value_node.value
+        if str(number) != text:
+            raise StackFileError(f"{_mark(shown, value_node.start_mark)}: {PROJECT}:{path}: {text} is read by YAML "
+                                 f"as the number {number}; quote it: \"{text}\"")
 
 
 def from_pulumi() -> StackConfig:

@@ -58,6 +58,10 @@ def parse(reference: str) -> Image:
     if not match or match.group("tag") == "latest":
         raise ImageError("an image pinned by tag, <registry>/<repository>:<tag> (not 'latest')")
     release = _RELEASE.fullmatch(match.group("tag"))
+    if release and not 1 <= int(release.group("release")[3:]) <= 12:
+        # NGC tags are <yy>.<mm> of the release month: 26.13 is a typo, and would pass a "newer than" test
+        raise ImageError(f"a release tag <yy.mm> with a month 01..12; {release.group('release')} has month "
+                         f"{release.group('release')[3:]}")
     return Image(reference, match.group("repository"), match.group("tag"), release.group("release") if release else None)
 
 

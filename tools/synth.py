@@ -29,10 +29,12 @@ from typing import Any, Callable, Mapping
 
 import yaml
 
+from infra import config as stack_config
+
 ROOT = Path(__file__).resolve().parent.parent
 STACKS_DIR = ROOT / "stacks"
 PROJECT = "nemo-eks"
-SECRET = "[secret]"
+SECRET = stack_config.SECRET_PLACEHOLDER
 _SIG_KEY = "4dabf18193072939515e22adb298388d"
 _SECRET_SIG = "1b47061264138c4ac30d75fd1eb44270"
 _UNKNOWN = "04da6b54-80e4-46f7-96ec-b56ff0331ba9"
@@ -40,8 +42,7 @@ _UNKNOWN = "04da6b54-80e4-46f7-96ec-b56ff0331ba9"
 _NOT_MANIFESTS = ("pulumi:providers:", "kubernetes:helm.sh/", "kubernetes:yaml/", "kubernetes:kustomize/")
 
 
-class StackFileError(Exception):
-    pass
+StackFileError = stack_config.StackFileError
 
 
 # --------------------------------------------------------------------------------------------------
@@ -52,27 +53,28 @@ def stack_names() -> list[str]:
     return sorted(p.name[len("Pulumi."):-len(".yaml")] for p in STACKS_DIR.glob("Pulumi.*.yaml"))
 
 
+def stack_file(stack: str) -> tuple[str, Path]:
+    """(stack name, file) for a stack name (stacks/Pulumi.<name>.yaml) or the path of a stack file elsewhere
+    (its name is taken from Pulumi.<name>.yaml)."""
+    if "/" in stack or stack.endswith((".yaml", ".yml")):
+        path = Path(stack)
+        match = re.fullmatch(r"(?:Pulumi\.)?(.+?)(?:\.ya?ml)?", path.name)
+        return match.group(1), path
+    return stack, STACKS_DIR / f"Pulumi.{stack}.yaml"
+
+
+def _shown(path: Path) -> str:
+    absolute = path.resolve()
+    return str(absolute.relative_to(ROOT)) if absolute.is_relative_to(ROOT) else str(path)
+
+
 def read_stack_config(stack: str) -> tuple[dict[str, str], list[str]]:
-    """The stack file's config as the Pulumi CLI hands it to the program: every value a string (objects and
-    lists as JSON), and the names of secret keys. Secret values cannot be decrypted offline; they become
-    a placeholder."""
-    path = STACKS_DIR / f"Pulumi.{stack}.yaml"
-    if not path.exists():
-        raise StackFileError(f"no stack file {path.relative_to(ROOT)}; stacks: {', '.join(stack_names())}")
-    document = yaml.safe_load(path.read_text()) or {}
-    raw, secret_keys = {}, []
-    for key, value in (document.get("config") or {}).items():
-        if ":" not in key:
-            key = f"{PROJECT}:{key}"
-        if isinstance(value, dict) and set(value) == {"secure"}:
-            raw[key], secret_keys = SECRET, [*secret_keys, key]
-        elif isinstance(value, str):
-            raw[key] = value
-        elif isinstance(value, bool):
-            raw[key] = "true" if value else "false"
-        else:
-            raw[key] = json.dumps(value)
-    return raw, secret_keys
+    """The stack file's config as the Pulumi CLI hands it to the program (``infra.config.read_stack_file``, the one
+    reader of stack files). ``stack`` is a name or a stack file's path."""
+    _, path = stack_file(stack)
+    if not path.exists() and path.parent == STACKS_DIR:
+        raise StackFileError(f"no stack file {_shown(path)}; stacks: {', '.join(stack_names())}")
+    return stack_config.read_stack_file(path, _shown(path))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -390,13 +392,14 @@ def summary(synth: Synth) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m tools.synth", description=__doc__.split("\n")[0])
-    parser.add_argument("stack", help="stack name: stacks/Pulumi.<stack>.yaml")
+    parser.add_argument("stack", help="stack name (stacks/Pulumi.<stack>.yaml) or the path of a stack file")
     parser.add_argument("--out", type=Path, default=ROOT / "build", help="output directory (default: build)")
     args = parser.parse_args(argv)
-    from infra.config import ConfigError
     try:
-        synth = synthesize(args.stack)
-    except (ConfigError, StackFileError) as error:
+        name, _ = stack_file(args.stack)
+        raw, secret_keys = read_stack_config(args.stack)
+        synth = synthesize(name, raw, secret_keys)
+    except (stack_config.ConfigError, StackFileError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
     target = write(synth, args.out)
@@ -405,7 +408,6 @@ def main(argv: list[str] | None = None) -> int:
           f"{len(synth.manifests())} manifests, {len(synth.helm_releases())} Helm releases, "
           f"{len(synth.triton)} model repository files, graph.mmd")
     return 0
-
 
 if __name__ == "__main__":
     sys.exit(main())
