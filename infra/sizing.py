@@ -933,6 +933,19 @@ def main(argv: list[str] | None = None) -> int:
         model = MODELS[args.model]
     else:
         parser.error(f"--model {args.model!r}: allowed {', '.join([*VARIANTS, *MODELS])}")
+    # The stack config's limits, from the same code: the CLI plans nothing the config would refuse.
+    from infra import config
+
+    flags = {"seqLength": "--seq-length", "microBatchSize": "--micro-batch", "globalBatchSize": "--global-batch",
+             "loraRank": "--lora-rank", "datasetTokens": "--dataset-tokens", "epochs": "--epochs", "nodes": "--nodes",
+             "tp": "--tp", "pp": "--pp"}
+    numbers = (args.seq_length, args.micro_batch, args.global_batch, args.lora_rank, args.dataset_tokens,
+               args.epochs, args.nodes, args.tp, args.pp)
+    try:
+        config.check_training_numbers(model, dict(zip(config.TRAINING_NUMBERS, numbers)), flags.__getitem__)
+    except config.ConfigError as error:
+        key = next(name for name, flag in flags.items() if flag == error.key)
+        parser.error(error.render(f"{error.key} (training.{key} in a stack file)"))
     request = TrainingRequest(model, args.method, catalog.get(args.instance), args.precision, args.seq_length,
                               args.micro_batch, args.global_batch, args.lora_rank, args.dataset_tokens, args.epochs,
                               args.nodes, args.tp, args.pp)

@@ -10,7 +10,7 @@ import json
 import boto3
 import pytest
 
-from tools import data
+from tools import data, synth
 
 STACK = "dev"  # a real stack file: the CLI takes its dataset name ("default") and sequence length from it
 
@@ -124,7 +124,9 @@ def test_overlap_between_training_and_validation_uploads_nothing(s3, tmp_path, c
 
 def test_unknown_stack_bucket_is_an_error(s3, tmp_path, capsys):
     make_bucket(s3, "dev-datasets")
-    assert data.main(["upload", write_examples(tmp_path / "a.jsonl", 20), "--stack", "nosuch"]) == 1
+    stack_file = tmp_path / "Pulumi.nosuch.yaml"  # a valid stack that was never deployed
+    stack_file.write_text((synth.STACKS_DIR / "Pulumi.dev.yaml").read_text())
+    assert data.main(["upload", write_examples(tmp_path / "a.jsonl", 20), "--stack", str(stack_file)]) == 1
     err = capsys.readouterr().err
     assert "no S3 bucket tagged project=nemo-eks, stack=nosuch" in err and "--bucket" in err
     assert objects(s3, "dev-datasets") == {}

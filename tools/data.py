@@ -48,8 +48,16 @@ class StackDefaults:
     seq_length: int | None = None
 
 
+def stack_name(stack: str) -> str:
+    """The stack's name, for ``--stack`` given as a name or as a stack file's path."""
+    from tools import synth
+
+    return synth.stack_file(stack)[0]
+
+
 def stack_defaults(stack: str | None) -> StackDefaults:
-    """The dataset name and sequence length the stack's run will use, when its stack file is here."""
+    """The dataset name and sequence length the stack's run will use, from its stack file (which must exist and
+    be valid: a typo in --stack would otherwise upload where no run reads)."""
     if not stack:
         return StackDefaults()
     from infra import config
@@ -57,20 +65,43 @@ def stack_defaults(stack: str | None) -> StackDefaults:
 
     try:
         raw, secret_keys = synth.read_stack_config(stack)
-    except synth.StackFileError:
-        return StackDefaults()
-    cfg = config.load(raw, stack, secret_keys=secret_keys)
+        cfg = config.load(raw, stack_name(stack), secret_keys=secret_keys)
+    except synth.StackFileError as error:
+        raise CliError(f"--stack {stack}: {error}") from None
+    except config.ConfigError as error:
+        raise CliError(f"--stack {stack}: {error} (`python -m tools.synth {stack}` shows the same)") from None
     return StackDefaults(dataset=cfg.pipeline.dataset, seq_length=cfg.sizing.request.seq_length)
+
+
+def positive_integer(text: str) -> int:
+    """argparse type of --seq-length: a count of tokens."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not valid; allowed: a whole number >= 1 (tokens, e.g. the "
+                                         f"stack's training.seqLength such as 4096)")
+    return value
 
 
 # --------------------------------------------------------------------------------------------------
 # S3
 
 
+NO_CREDENTIALS = ("no AWS credentials found. Provide them the usual way: AWS_PROFILE=<profile> (after "
+                  "`aws sso login --profile <profile>` or `aws configure --profile <profile>`), or AWS_ACCESS_KEY_ID "
+                  "and AWS_SECRET_ACCESS_KEY (and AWS_SESSION_TOKEN for temporary ones); check with "
+                  "`aws sts get-caller-identity`")
+
+
 def s3_client():
     import boto3
 
-    return boto3.client("s3")  # region, credentials and endpoint from the environment / profile
+    session = boto3.Session()  # region, credentials and endpoint from the environment / profile
+    if session.get_credentials() is None:
+        raise CliError(NO_CREDENTIALS)
+    return session.client("s3")
 
 
 def find_datasets_bucket(s3, stack: str) -> str:
@@ -163,7 +194,7 @@ def cmd_upload(args) -> int:
         return 1
     train, validation = loaded
     s3 = s3_client()
-    bucket = args.bucket or find_datasets_bucket(s3, args.stack)
+    bucket = args.bucket or find_datasets_bucket(s3, stack_name(args.stack))
     with tempfile.TemporaryDirectory() as tmp:
         uploads = []
         for records, filename in ((train, dataset.TRAIN_FILE), (validation, dataset.VALIDATION_FILE)):
@@ -184,25 +215,28 @@ def main(argv: list[str] | None = None) -> int:
     validate = sub.add_parser("validate", help="check a JSONL dataset and print a report")
     validate.add_argument("file")
     validate.add_argument("--validation", help="a separate validation file (checked for overlap with FILE)")
-    validate.add_argument("--seq-length", type=int, help="sequence length to estimate against")
-    validate.add_argument("--stack", help="take the sequence length from this stack's file")
+    validate.add_argument("--seq-length", type=positive_integer, help="sequence length to estimate against")
+    validate.add_argument("--stack", help="take the sequence length from this stack's file (a name or a path)")
     validate.set_defaults(handler=cmd_validate)
     upload = sub.add_parser("upload", help="validate, split and upload to the stack's datasets bucket")
     upload.add_argument("file")
     upload.add_argument("--validation", help="a separate validation file; without it one is split off FILE")
-    upload.add_argument("--stack", required=True)
+    upload.add_argument("--stack", required=True, help="stack name (stacks/Pulumi.<stack>.yaml) or stack file path")
     upload.add_argument("--dataset", help="dataset name (default: the stack's data.dataset, else 'default')")
     upload.add_argument("--bucket", help="bucket name (default: found by the stack's tags)")
-    upload.add_argument("--seq-length", type=int, help="sequence length to estimate against (default: the stack's)")
+    upload.add_argument("--seq-length", type=positive_integer, help="sequence length to estimate against (default: the stack's)")
     upload.set_defaults(handler=cmd_upload)
     args = parser.parse_args(argv)
     from boto3.exceptions import Boto3Error
-    from botocore.exceptions import BotoCoreError, ClientError
+    from botocore.exceptions import BotoCoreError, ClientError, NoCredentialsError
 
     try:
         return args.handler(args)
     except CliError as exc:
         print(f"error: {exc}", file=sys.stderr)
+        return 1
+    except NoCredentialsError:
+        print(f"error: {NO_CREDENTIALS}", file=sys.stderr)
         return 1
     except (Boto3Error, BotoCoreError, ClientError) as exc:  # S3UploadFailedError is a Boto3Error
         print(f"error: AWS: {exc}", file=sys.stderr)

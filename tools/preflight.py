@@ -92,7 +92,57 @@ def _error_code(error: Exception) -> str:
     return str(response.get("Error", {}).get("Code", "")) or type(error).__name__
 
 
+# Every AWS call is bounded, so that a report from a network where AWS cannot be reached (a firewall that drops
+# packets, a proxy or endpoint that accepts and never answers) comes back in about 25 s instead of after botocore's
+# 60 s connect and read timeouts (botocore/endpoint.py DEFAULT_TIMEOUT) times its attempts. Each call may take
+# CONNECT_TIMEOUT_S + READ_TIMEOUT_S per attempt; the first call (STS) stops the report when it cannot reach AWS.
+# Retry settings: botocore.config.Config ``retries`` (``total_max_attempts`` counts the first call; "standard"
+# mode retries transient errors, timeouts included, with jittered backoff of at most a second or two here).
+CONNECT_TIMEOUT_S = 5
+READ_TIMEOUT_S = 10
+MAX_ATTEMPTS = 2
+
+
+def client_config(environ: Mapping[str, str] | None = None):
+    """The botocore client configuration of every preflight call. AWS_MAX_ATTEMPTS may lower the attempts (the
+    tests' emulator answers unimplemented calls with HTTP 500), never raise them past the bound."""
+    from botocore.config import Config
+
+    environ = os.environ if environ is None else environ
+    try:
+        attempts = min(MAX_ATTEMPTS, max(1, int(environ.get("AWS_MAX_ATTEMPTS", MAX_ATTEMPTS))))
+    except ValueError:
+        attempts = MAX_ATTEMPTS
+    return Config(connect_timeout=CONNECT_TIMEOUT_S, read_timeout=READ_TIMEOUT_S,
+                  retries={"mode": "standard", "total_max_attempts": attempts})
+
+
+def unreachable_endpoint(error: Exception) -> str | None:
+    """The endpoint (or proxy) an error says could not be reached or did not answer; None for other errors."""
+    from botocore.exceptions import ConnectionClosedError, ConnectionError, ReadTimeoutError
+
+    if not isinstance(error, (ConnectionError, ReadTimeoutError, ConnectionClosedError)):
+        return None
+    kwargs = getattr(error, "kwargs", {}) or {}
+    return str(kwargs.get("endpoint_url") or kwargs.get("proxy_url") or "the AWS endpoint")
+
+
+def _unreachable_text(error: Exception, endpoint: str) -> str:
+    from botocore.exceptions import ReadTimeoutError
+
+    how = (f"no answer within {READ_TIMEOUT_S} s" if isinstance(error, ReadTimeoutError)
+           else f"no connection within {CONNECT_TIMEOUT_S} s, or refused")
+    return f"cannot reach {endpoint} ({how})"
+
+
+UNREACHABLE_FIX = ("check the network path to AWS: a firewall, a proxy (HTTPS_PROXY, NO_PROXY) or AWS_ENDPOINT_URL; "
+                   "`aws sts get-caller-identity` goes the same way")
+
+
 def _error_text(error: Exception) -> str:
+    endpoint = unreachable_endpoint(error)
+    if endpoint is not None:
+        return _unreachable_text(error, endpoint)
     response = getattr(error, "response", None) or {}
     message = " ".join((response.get("Error", {}).get("Message") or str(error)).split())
     if type(error).__name__ == "ResponseParserError":
@@ -554,7 +604,7 @@ class Clients:
 
     def __call__(self, service: str):
         if service not in self.overrides:
-            self.overrides[service] = self.session.client(service, region_name=self.region)
+            self.overrides[service] = self.session.client(service, region_name=self.region, config=client_config())
         return self.overrides[service]
 
 
@@ -577,25 +627,38 @@ def run_checks(clients: Clients, cfg, *, bucket: str | None = None, now: datetim
     try:
         checks = check_account(clients("sts"), cfg, clients.region, region_source or "the environment")
     except errors as error:
+        endpoint = unreachable_endpoint(error)
+        if endpoint is not None:  # the network, not the credentials: and nothing else can be checked either
+            return [Check("account", FAIL, f"{_unreachable_text(error, endpoint)}; nothing else was checked",
+                          UNREACHABLE_FIX)]
         return [Check("account", FAIL, f"the AWS credentials do not work ({_error_text(error)})",
                       "set AWS_PROFILE or AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY (e.g. `aws sso login`), "
                       "and check with `aws sts get-caller-identity`")]
-    steps: Sequence[tuple[str, str, Callable[[], list[Check]]]] = (
-        ("instance offerings", "ec2:DescribeAvailabilityZones, ec2:DescribeInstanceTypeOfferings",
+    steps: Sequence[tuple[str, str, str, Callable[[], list[Check]]]] = (
+        ("instance offerings", "ec2", "ec2:DescribeAvailabilityZones, ec2:DescribeInstanceTypeOfferings",
          lambda: check_zones_and_offerings(clients("ec2"), cfg)),
-        ("quotas", "servicequotas:GetServiceQuota, servicequotas:GetAWSDefaultServiceQuota",
+        ("quotas", "service-quotas", "servicequotas:GetServiceQuota, servicequotas:GetAWSDefaultServiceQuota",
          lambda: check_quotas(clients("service-quotas"), cfg)),
-        ("reservations", "ec2:DescribeCapacityReservations",
+        ("reservations", "ec2", "ec2:DescribeCapacityReservations",
          lambda: check_reservations(clients("ec2"), cfg, now)),
-        ("kubernetes version", "eks:DescribeClusterVersions or eks:DescribeAddonVersions",
+        ("kubernetes version", "eks", "eks:DescribeClusterVersions or eks:DescribeAddonVersions",
          lambda: check_kubernetes_version(clients("eks"), cfg)),
-        ("dataset", "s3:ListAllMyBuckets, s3:GetBucketTagging, s3:ListBucket, s3:GetObject",
+        ("dataset", "s3", "s3:ListAllMyBuckets, s3:GetBucketTagging, s3:ListBucket, s3:GetObject",
          lambda: check_dataset(clients("s3"), cfg, bucket)),
     )
-    for name, permissions, step in steps:
+    unreachable: set[str] = set()  # an endpoint that did not answer once is not waited for again
+    for name, service, permissions, step in steps:
+        endpoint = getattr(getattr(clients(service), "meta", None), "endpoint_url", None)
+        if endpoint in unreachable:
+            checks.append(Check(name, WARN, f"not checked: cannot reach {endpoint}", UNREACHABLE_FIX))
+            continue
         try:
             checks.extend(step())
         except errors as error:  # a check that cannot run is reported, never skipped silently
+            if unreachable_endpoint(error) is not None:
+                unreachable.add(endpoint)
+                checks.append(Check(name, WARN, f"could not check ({_error_text(error)})", UNREACHABLE_FIX))
+                continue
             checks.append(Check(name, WARN, f"could not check ({_error_text(error)})",
                                 f"allow {permissions} for this identity and run preflight again"))
     return checks
@@ -615,7 +678,7 @@ def load_stack(stack: str):
     from tools import synth
 
     raw, secret_keys = synth.read_stack_config(stack)
-    return config.load(raw, stack, secret_keys=secret_keys)
+    return config.load(raw, synth.stack_file(stack)[0], secret_keys=secret_keys)
 
 
 def render_text(stack: str, region: str, source: str, checks: Sequence[Check]) -> str:
@@ -631,20 +694,20 @@ def render_text(stack: str, region: str, source: str, checks: Sequence[Check]) -
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m tools.preflight", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--stack", required=True, help="stack name: stacks/Pulumi.<stack>.yaml")
+    parser.add_argument("--stack", required=True, help="stack name (stacks/Pulumi.<stack>.yaml) or stack file path")
     parser.add_argument("--json", action="store_true", help="print the report as JSON")
     parser.add_argument("--bucket", help="datasets bucket (default: found by the stack's tags)")
     args = parser.parse_args(argv)
 
     from infra.config import ConfigError
-    from tools.synth import StackFileError
+    from tools.synth import StackFileError, display_path, stack_file
 
     region, source, checks = "", "", []
     try:
         cfg = load_stack(args.stack)
     except (StackFileError, ConfigError) as error:
-        checks = [Check("stack config", FAIL, str(error), f"fix stacks/Pulumi.{args.stack}.yaml "
-                                                          f"(`make plan STACK={args.stack}` shows the same error)")]
+        checks = [Check("stack config", FAIL, str(error), f"fix {display_path(stack_file(args.stack)[1])} "
+                                                          f"(`python -m tools.synth {args.stack}` shows the same error)")]
     else:
         import boto3
 

@@ -63,7 +63,7 @@ def stack_file(stack: str) -> tuple[str, Path]:
     return stack, STACKS_DIR / f"Pulumi.{stack}.yaml"
 
 
-def _shown(path: Path) -> str:
+def display_path(path: Path) -> str:
     absolute = path.resolve()
     return str(absolute.relative_to(ROOT)) if absolute.is_relative_to(ROOT) else str(path)
 
@@ -73,8 +73,8 @@ def read_stack_config(stack: str) -> tuple[dict[str, str], list[str]]:
     reader of stack files). ``stack`` is a name or a stack file's path."""
     _, path = stack_file(stack)
     if not path.exists() and path.parent == STACKS_DIR:
-        raise StackFileError(f"no stack file {_shown(path)}; stacks: {', '.join(stack_names())}")
-    return stack_config.read_stack_file(path, _shown(path))
+        raise StackFileError(f"no stack file {display_path(path)}; stacks: {', '.join(stack_names())}")
+    return stack_config.read_stack_file(path, display_path(path))
 
 
 # --------------------------------------------------------------------------------------------------

@@ -81,7 +81,15 @@ def record_key(record: dict[str, Any]) -> str:
     return hashlib.sha256(canonical.encode("utf-8")).hexdigest()
 
 
-def parse(lines: Iterable[str], path: str = "<input>", seq_length: int | None = None,
+@dataclass(frozen=True)
+class UndecodableLine:
+    """A line that is not UTF-8, and where in the file its first bad byte is."""
+
+    reason: str
+    offset: int  # bytes from the start of the file
+
+
+def parse(lines: Iterable[str | UndecodableLine], path: str = "<input>", seq_length: int | None = None,
           seen: dict[str, str] | None = None) -> tuple[list[dict[str, Any]], Report]:
     """Validate JSONL text line by line; returns the good records and the report.
 
@@ -90,7 +98,14 @@ def parse(lines: Iterable[str], path: str = "<input>", seq_length: int | None = 
     report = Report(path=path, seq_length=seq_length)
     records: list[dict[str, Any]] = []
     seen = {} if seen is None else seen
+    not_utf8 = ""
     for number, raw in enumerate(lines, start=1):
+        if isinstance(raw, UndecodableLine):
+            # one problem for every such line, named by the first: the report groups lines by problem
+            not_utf8 = not_utf8 or (f"not UTF-8 text ({raw.reason} at byte offset {raw.offset} of the file; "
+                                    "save the file as UTF-8)")
+            report.add("error", not_utf8, number)
+            continue
         text = raw.strip()
         if not text:
             report.add("warning", "blank line (skipped)", number)
@@ -138,14 +153,54 @@ def read_lines(path: str | os.PathLike) -> Iterator[str]:
         yield from handle
 
 
+def _decoded_lines(path: str) -> Iterator[str | UndecodableLine]:
+    """Each line decoded on its own, so a bad byte is reported at its line and file offset."""
+    offset = 0
+    with open(path, "rb") as handle:
+        for raw in handle:
+            try:
+                yield raw.decode("utf-8")
+            except UnicodeDecodeError as exc:
+                yield UndecodableLine(exc.reason, offset + exc.start)
+            offset += len(raw)
+
+
+JSONL_FORMAT = 'one JSON object per line, e.g. {"input": "...", "output": "..."}'
+# Leading bytes of the compressed formats a dataset is often shipped in.
+_COMPRESSED = {b"\x1f\x8b": ("gzip", "gunzip -k"), b"PK\x03\x04": ("zip", "unzip"), b"BZh": ("bzip2", "bunzip2 -k"),
+               b"\xfd7zXZ\x00": ("xz", "unxz -k"), b"\x28\xb5\x2f\xfd": ("zstd", "unzstd")}
+
+
+def check_file(path: str | os.PathLike) -> None:
+    """What makes a file unreadable as JSONL as a whole, said once instead of an error on every line."""
+    shown = os.fspath(path)
+    if not os.path.exists(shown):
+        raise DatasetError(f"{shown}: no such file")
+    if os.path.isdir(shown):
+        raise DatasetError(f"{shown}: a directory, not a JSONL file; give the file itself "
+                           f"(e.g. {os.path.join(shown, TRAIN_FILE)}): {JSONL_FORMAT}")
+    with open(shown, "rb") as handle:
+        head = handle.read(8)
+        for magic, (kind, command) in _COMPRESSED.items():
+            if head.startswith(magic):
+                raise DatasetError(f"{shown}: {kind}-compressed; decompress it first (`{command} {shown}`): the "
+                                   f"format is plain text, {JSONL_FORMAT}")
+        handle.seek(0)
+        first = next((line.strip() for line in handle if line.strip()), b"")
+    if first.startswith(b"["):
+        try:
+            array = json.loads(first)
+        except ValueError:
+            array = None  # the opening line of a pretty-printed array
+        if array is None or array == [] or (isinstance(array, list) and any(isinstance(i, dict) for i in array)):
+            raise DatasetError(f"{shown}: a JSON array, not JSON Lines: the format is {JSONL_FORMAT}; convert it "
+                               f"with `jq -c '.[]' {shown} > {os.path.splitext(shown)[0]}.jsonl`")
+
+
 def parse_file(path: str | os.PathLike, seq_length: int | None = None,
                seen: dict[str, str] | None = None) -> tuple[list[dict[str, Any]], Report]:
-    try:
-        return parse(read_lines(path), os.fspath(path), seq_length, seen)
-    except UnicodeDecodeError as exc:
-        report = Report(path=os.fspath(path), seq_length=seq_length)
-        report.add("error", f"not UTF-8 text ({exc.reason} at byte {exc.start})", 0)
-        return [], report
+    check_file(path)
+    return parse(_decoded_lines(os.fspath(path)), os.fspath(path), seq_length, seen)
 
 
 def split(records: list[dict[str, Any]], fraction: float = VALIDATION_FRACTION,
