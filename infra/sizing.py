@@ -945,7 +945,8 @@ def main(argv: list[str] | None = None) -> int:
         config.check_training_numbers(model, dict(zip(config.TRAINING_NUMBERS, numbers)), flags.__getitem__)
     except config.ConfigError as error:
         key = next(name for name, flag in flags.items() if flag == error.key)
-        parser.error(error.render(f"{error.key} (training.{key} in a stack file)"))
+        print(f"error: {error.render(f'{error.key} (training.{key} in a stack file)')}", file=sys.stderr)
+        return 2
     request = TrainingRequest(model, args.method, catalog.get(args.instance), args.precision, args.seq_length,
                               args.micro_batch, args.global_batch, args.lora_rank, args.dataset_tokens, args.epochs,
                               args.nodes, args.tp, args.pp)
