@@ -981,9 +981,12 @@ def check_config_key(key: str) -> None:
     if namespace in CONFIG_NAMESPACES:
         return
     close = difflib.get_close_matches(namespace, CONFIG_NAMESPACES, n=1, cutoff=0.5)
-    hint = (f"Did you mean '{close[0]}:{key.split(':', 1)[1]}'?" if close
-            else f"A key under '{namespace}:' would be ignored"
-            + (f": {_IGNORED_NAMESPACES[namespace]}" if namespace in _IGNORED_NAMESPACES else ""))
+    if namespace in _IGNORED_NAMESPACES:
+        hint = f"A key under '{namespace}:' would be ignored: {_IGNORED_NAMESPACES[namespace]}"
+    elif close:
+        hint = f"Did you mean '{close[0]}:{key.split(':', 1)[1]}'?"
+    else:
+        hint = f"A key under '{namespace}:' would be ignored; remove it, or move it under '{PROJECT}:'"
     raise ConfigError(key, namespace, "the namespaces " + ", ".join(CONFIG_NAMESPACES), hint)
 
 

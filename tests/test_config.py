@@ -8,7 +8,7 @@ import json
 import pytest
 
 from infra import catalog
-from infra.config import KEYS, ConfigError, load, valid_fsx_capacity
+from infra.config import KEYS, ConfigError, StackFileError, load, read_stack_file, valid_fsx_capacity
 from tests.conftest import raw_config
 
 
@@ -177,3 +177,71 @@ def test_every_documented_key_is_read_and_checked(key):
     with pytest.raises(ConfigError) as caught:
         load(raw_config(overrides), "dev")
     assert caught.value.key == expected
+
+
+# --------------------------------------------------------------------------------------------------
+# Namespaces, numbers and the stack-file reader
+
+
+@pytest.mark.parametrize("key", ["aws:profile", "pulumi:disable-default-providers"])
+def test_keys_of_the_namespaces_the_program_reads_are_accepted(key):
+    load(raw_config({key: "x"}), "dev")
+
+
+@pytest.mark.parametrize("key, hint", [("kubernetes:context", "would be ignored"), ("eks:x", "would be ignored"),
+                                       ("nemoeks:training", "Did you mean 'nemo-eks:training'?"),
+                                       ("awz:region", "Did you mean 'aws:region'?")])
+def test_keys_of_other_namespaces_are_rejected(key, hint):
+    with pytest.raises(ConfigError) as caught:
+        load(raw_config({key: "x"}), "dev")
+    assert caught.value.key == key and hint in str(caught.value)
+
+
+def test_a_negative_gate_threshold_is_still_allowed():
+    cfg = load(raw_config({"nemo-eks:evaluation": {"minLossImprovementPercent": -5}}), "dev")
+    assert cfg.pipeline.evaluation.min_loss_improvement_percent == -5.0
+
+
+@pytest.mark.parametrize("value", ["Infinity", "NaN", "-Infinity"])
+def test_non_finite_numbers_are_rejected_whatever_their_spelling(value):
+    with pytest.raises(ConfigError, match="finite"):
+        load(raw_config({"nemo-eks:monitoring": f'{{"tritonFailureRatio": {value}}}'}), "dev")
+
+
+def test_a_public_access_cidr_with_host_bits_names_the_network():
+    with pytest.raises(ConfigError, match="network address is 203.0.113.0/24"):
+        load(raw_config({"nemo-eks:cluster": {"publicEndpoint": True, "publicAccessCidrs": ["203.0.113.7/24"]}}), "dev")
+
+
+def test_a_version_that_lost_its_zero_says_to_quote_it():
+    # what `pulumi up` hands over for an unquoted 1.40 when the stack file itself is not at hand
+    with pytest.raises(ConfigError, match='quote it, "1.40"'):
+        load(raw_config({"nemo-eks:kubernetesVersion": "1.4"}), "dev")
+
+
+def test_the_stack_file_reader_gives_what_the_cli_gives(tmp_path):
+    path = tmp_path / "Pulumi.x.yaml"
+    path.write_text("secretsprovider: passphrase\nconfig:\n  aws:region: us-east-1\n  training:\n    epochs: 2\n"
+                    "  nemo-eks:pipeline:\n    enabled: false\n  nemo-eks:hfToken:\n    secure: AAAB\n"
+                    "  nemo-eks:namespace: ml\n")
+    raw, secrets = read_stack_file(path)
+    assert raw == {"aws:region": "us-east-1", "nemo-eks:training": '{"epochs": 2}',
+                   "nemo-eks:pipeline": '{"enabled": false}', "nemo-eks:hfToken": "[secret]", "nemo-eks:namespace": "ml"}
+    assert secrets == ["nemo-eks:hfToken"]
+
+
+@pytest.mark.parametrize("text, message", [
+    ("config:\n  nemo-eks:gpuNodeGroups:\n    - name: a\n      name: b\n", "x.yaml:4:7: key 'name' is written twice"),
+    ("config:\n  nemo-eks:images:\n    nemo: 26.10\n", "x.yaml:3:11: nemo-eks:images.nemo: 26.10 is read by YAML as"),
+    ("config: [1\n", "x.yaml:2:1: not valid YAML"),
+    ("", None),
+])
+def test_the_stack_file_reader_rejects_what_yaml_would_take_silently(tmp_path, text, message):
+    path = tmp_path / "x.yaml"
+    path.write_text(text)
+    if message is None:
+        assert read_stack_file(path) == ({}, [])
+        return
+    with pytest.raises(StackFileError) as caught:
+        read_stack_file(path, "x.yaml")
+    assert str(caught.value).startswith(message)
