@@ -361,6 +361,9 @@ def test_preflight_bounds_every_aws_call():
     # the whole report, when the first call cannot reach AWS: every attempt timing out, plus backoff
     assert preflight.MAX_ATTEMPTS * (preflight.CONNECT_TIMEOUT_S + preflight.READ_TIMEOUT_S) <= 30
     assert preflight.client_config({"AWS_MAX_ATTEMPTS": "10"}).retries["total_max_attempts"] == preflight.MAX_ATTEMPTS
+    documented = (f"{preflight.CONNECT_TIMEOUT_S} s to connect, {preflight.READ_TIMEOUT_S} s to read, "
+                  f"{preflight.MAX_ATTEMPTS} attempts")
+    assert documented in " ".join((ROOT / "docs" / "preflight.md").read_text().split())
 
 
 # --------------------------------------------------------------------------------------------------
