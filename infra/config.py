@@ -14,6 +14,7 @@ import json
 import math
 import re
 from dataclasses import dataclass, field, replace
+from pathlib import Path
 from types import MappingProxyType
 from typing import Any, Callable, Mapping, Sequence
 
@@ -1039,7 +1040,6 @@ def read_stack_file(path: Any, shown: str | None = None) -> tuple[dict[str, str]
     YAML or the Pulumi CLI would take silently or with a stack trace, and ConfigError-worded messages for keys
     in namespaces the program does not read."""
     import yaml
-    from pathlib import Path
 
     file = Path(path)
     shown = shown or str(path)
@@ -1084,13 +1084,13 @@ def read_stack_file(path: Any, shown: str | None = None) -> tuple[dict[str, str]
             raise StackFileError(f"{_mark(shown, nodes[name][0].start_mark) if name in nodes else shown}: "
                                  f"unknown top-level key '{name}'; allowed: {', '.join(STACK_FILE_KEYS)}"
                                  + (f". Did you mean '{close[0]}'?" if close else ""))
-    settings = document.get("config") or {}
+    settings = {} if document.get("config") is None else document["config"]  # `config: []` is not "no config"
     config_node = nodes.get("config", (None, None))[1]
     if not isinstance(settings, dict):
         where = _mark(shown, config_node.start_mark) if config_node is not None else shown
         raise StackFileError(f"{where}: `config:` is a {_yaml_kind(settings)}, not a mapping; write one "
                              f"`<namespace>:<key>: value` per line under it, e.g. `  aws:region: us-east-1`")
-    key_nodes = {k.value: (k, v) for k, v in config_node.value} if config_node is not None else {}
+    key_nodes = {k.value: (k, v) for k, v in config_node.value} if isinstance(config_node, yaml.MappingNode) else {}
     raw, secret_keys = {}, []
     for name, value in settings.items():
         key_node, value_node = key_nodes.get(name, (None, None))

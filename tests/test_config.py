@@ -234,7 +234,9 @@ def test_the_stack_file_reader_gives_what_the_cli_gives(tmp_path):
     ("config:\n  nemo-eks:gpuNodeGroups:\n    - name: a\n      name: b\n", "x.yaml:4:7: key 'name' is written twice"),
     ("config:\n  nemo-eks:images:\n    nemo: 26.10\n", "x.yaml:3:11: nemo-eks:images.nemo: 26.10 is read by YAML as"),
     ("config: [1\n", "x.yaml:2:1: not valid YAML"),
+    ("config: []\n", "x.yaml:1:9: `config:` is a list, not a mapping"),
     ("", None),
+    ("config:\n", None),
 ])
 def test_the_stack_file_reader_rejects_what_yaml_would_take_silently(tmp_path, text, message):
     path = tmp_path / "x.yaml"
