@@ -154,3 +154,12 @@ def test_validate_reports_line_numbers(tmp_path, capsys):
     good = write_examples(tmp_path / "good.jsonl", 20)
     assert data.main(["validate", good, "--seq-length", "4096"]) == 0
     assert "19 training and 1 validation example(s)" in capsys.readouterr().out
+
+
+def test_the_example_dataset_uploads_as_the_stack_reads_it(s3, capsys):
+    bucket = make_bucket(s3, "dev-datasets")
+    example = synth.ROOT / "examples" / "data" / "train.jsonl"
+    assert data.main(["upload", str(example), "--stack", STACK]) == 0
+    train, validation = lines(s3, bucket, "default/train.jsonl"), lines(s3, bucket, "default/validation.jsonl")
+    assert (len(train), len(validation)) == (352, 19)  # 5 % of 371, split by content hash
+    assert all(set(r) == {"input", "output"} for r in train + validation)
