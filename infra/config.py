@@ -484,7 +484,7 @@ def _section(root: _Section, name: str) -> _Section:
     where = root.where(name) if root.display else f"{PROJECT}:{name}"
     data = _decode_json(where, value, Key(name, "object", None, "", "")) if value is not None else {}
     if not isinstance(data, dict):
-        raise ConfigError(where, data, "an object with the keys listed in the README")
+        raise ConfigError(where, data, "an object with the keys listed in docs/configuration.md")
     return _Section(data, where, f"{name}.")
 
 
