@@ -157,10 +157,14 @@ def _make_mocks():
         def RegisterResource(self, request):
             response = super().RegisterResource(request)
             inputs = rpc.deserialize_properties(request.object, keep_unknowns=True)
+            # The SDK collects dependencies in a set of URNs (pulumi/runtime/resource.py, pulumi 3.272:
+            # `dependencies: set[str]`), and propertyDependencies is a protobuf map: both iterate in an order
+            # that changes from process to process (string hashing is seeded per process). Sorted, the plan
+            # and the graph are the same on every run.
+            dependencies = {*request.dependencies, *(u for deps in request.propertyDependencies.values() for u in deps.urns)}
             self.registrations.append(Registration(
                 type=request.type, name=request.name, urn=response.urn, parent=request.parent or None,
-                depends_on=list(dict.fromkeys([*request.dependencies,
-                                               *(u for deps in request.propertyDependencies.values() for u in deps.urns)])),
+                depends_on=sorted(dependencies),
                 inputs=_readable(inputs), custom=bool(request.custom), protect=bool(request.protect),
                 retain_on_delete=bool(request.retainOnDelete), provider=request.provider or None,
                 options=_options(request)))
@@ -183,11 +187,14 @@ def _options(request) -> dict[str, Any]:
 
 
 def _readable(value: Any) -> Any:
-    """Secrets become a placeholder (never plain text in a plan file); unknowns a readable marker."""
+    """Secrets become a placeholder (never plain text in a plan file); unknowns a readable marker; mappings
+    sorted by key. Inputs reach the monitor as a protobuf Struct, a map whose iteration order is undefined
+    (https://protobuf.dev/programming-guides/proto3/#maps) and with the upb backend differs from process to
+    process: the program's own key order is already lost, and sorting is the one order every run agrees on."""
     if isinstance(value, dict):
         if value.get(_SIG_KEY) == _SECRET_SIG:
             return SECRET
-        return {k: _readable(v) for k, v in value.items() if k != _SIG_KEY}
+        return {k: _readable(value[k]) for k in sorted(value) if k != _SIG_KEY}
     if isinstance(value, list):
         return [_readable(v) for v in value]
     if isinstance(value, float) and value.is_integer():
