@@ -1,0 +1,76 @@
+"""The files `make plan` writes: the same bytes on every run and in every process, readable in a diff."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import yaml
+
+from tests.conftest import synth_stack
+from tools import synth
+
+# The largest stack: monitoring, the whole pipeline, the vendored operator, a Triton model repository.
+STACK = "prod-405b"
+
+
+def plan_in_a_new_process(out: Path, hash_seed: str) -> dict[str, bytes]:
+    """`make plan` as a user runs it, with its own string-hash seed (set and dict-of-set order follow it)."""
+    subprocess.run([sys.executable, "-m", "tools.synth", STACK, "--out", str(out)], cwd=synth.ROOT, check=True,
+                   capture_output=True, env={**os.environ, "PYTHONHASHSEED": hash_seed})
+    target = out / STACK
+    return {str(path.relative_to(target)): path.read_bytes() for path in sorted(target.rglob("*")) if path.is_file()}
+
+
+def test_two_plans_write_the_same_bytes(tmp_path):
+    first = plan_in_a_new_process(tmp_path / "first", "1")
+    second = plan_in_a_new_process(tmp_path / "second", "2")
+    folders = {name.split("/", 1)[0] for name in first if "/" in name}
+    assert {"plan.json", "sizing.json", "graph.mmd"} <= set(first) and folders == {"manifests", "helm", "triton"}
+    assert sorted(first) == sorted(second)
+    assert [name for name in first if first[name] != second[name]] == []
+
+
+def test_yaml_files_are_the_same_without_libyaml():
+    """A machine whose PyYAML lacks libyaml writes what the pure-Python emitter writes: the same bytes."""
+
+    class PurePythonDumper(yaml.SafeDumper):
+        pass
+
+    PurePythonDumper.add_representer(str, synth._represent_str)
+    s = synth_stack(STACK)
+    for obj in [*s.manifests(), *s.helm_releases()]:
+        written = synth.dump_yaml(obj)
+        assert written == yaml.dump(obj, Dumper=PurePythonDumper, sort_keys=False, width=synth._NO_FOLDING)
+        assert yaml.safe_load(written) == obj
+
+
+def test_scripts_are_written_line_by_line():
+    """A changed line of an entrypoint script is one changed line in a diff of the plan."""
+    [entrypoints] = [m for m in synth_stack(STACK).manifests() if m["metadata"]["name"] == "nemo-eks-entrypoints"]
+    script = entrypoints["data"]["build_engine.py"]
+    written = synth.dump_yaml(entrypoints)
+    assert "  build_engine.py: |\n" in written
+    assert "\n    from __future__ import annotations\n" in written and "from __future__ import annotations" in script
+
+
+def test_vendored_manifests_are_copies_for_each_caller():
+    s = synth_stack(STACK)
+    first = s.manifests()
+    [crd] = [m for m in first if m["kind"] == "CustomResourceDefinition"]
+    crd["spec"]["versions"].clear()
+    [again] = [m for m in s.manifests() if m["kind"] == "CustomResourceDefinition"]
+    assert again["spec"]["versions"]
+
+
+def test_graph_edges_in_one_order():
+    graph = synth.mermaid(synth_stack(STACK)).splitlines()
+    ids = {r.urn: f"r{i}" for i, r in enumerate(synth_stack(STACK).registrations)}
+    order = {node_id: index for index, node_id in enumerate(ids.values())}
+    edges = [line.split(" --> ") for line in graph if " --> " in line]
+    assert edges
+    # Grouped by the dependent resource, in the plan's order; each group's dependencies in the plan's order.
+    keys = [(order[target.strip()], order[source.strip()]) for source, target in edges]
+    assert keys == sorted(keys)
