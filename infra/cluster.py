@@ -99,6 +99,12 @@ class Cluster(pulumi.ComponentResource):
             # CoreDNS is declared below, after the system nodes exist: as a pulumi-eks child it would be
             # created before any node could run it and wait for a healthy status that cannot come.
             coredns_addon_options=eks.CoreDnsAddonOptionsArgs(enabled=False),
+            # The VPC CNI enforces NetworkPolicies (the pipeline namespace's, workloads/network_policy.py) only
+            # with its network policy agent on. pulumi-eks manages the CNI as the EKS add-on `vpc-cni` and turns
+            # this flag into its configuration value {"enableNetworkPolicy": "true"} (pulumi/pulumi-eks
+            # nodejs/eks/addons/cni-addon.ts mergeConfigurationValues), the setting the EKS user guide gives
+            # (latest/ug/networking/cni-network-policy-configure.adoc, step 4; needs VPC CNI >= 1.14).
+            vpc_cni_options=eks.VpcCniOptionsArgs(enable_network_policy=True),
             create_oidc_provider=False,  # workloads use EKS Pod Identity
             tags=tags,
             opts=child)

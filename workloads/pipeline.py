@@ -16,9 +16,10 @@ import pulumi_kubernetes as k8s
 from infra import catalog
 from infra.config import StackConfig
 from infra.identity import WORKLOADS
-from workloads import conversion, evaluation, observability, pods, runconfig, serving, training
+from workloads import conversion, evaluation, network_policy, observability, pods, runconfig, serving, training
 
 ENTRYPOINTS = Path(__file__).parent / "entrypoints"
+NETWORK_POLICY = "network_policy:"  # role prefix of the namespace's NetworkPolicies in manifests()
 
 
 def entrypoint_files() -> dict[str, str]:
@@ -118,6 +119,8 @@ def manifests(cfg: StackConfig) -> dict[str, dict[str, Any]]:
             n.evaluation_configmap, ns, {"run.json": json.dumps(runconfig.evaluation_document(cfg), indent=2)},
             "evaluation")
         result["evaluation"] = evaluation.job_manifest(evaluation_spec)
+    for policy_name, policy in network_policy.manifests(ns, n.training_job, cfg.pipeline.monitoring, evaluate).items():
+        result[f"{NETWORK_POLICY}{policy_name}"] = policy
     if cfg.pipeline.monitoring.enabled:
         result["service_monitor"] = serving.service_monitor_manifest(serving_spec)
         result["pod_monitor"] = observability.pod_monitor_manifest(ns)
@@ -159,6 +162,12 @@ class Pipeline(pulumi.ComponentResource):
         def configmap(key: str, logical: str) -> k8s.core.v1.ConfigMap:
             return k8s.core.v1.ConfigMap(f"{name}-{logical}", metadata=m[key]["metadata"], data=m[key]["data"],
                                          opts=opts_after())
+
+        # Ingress rules for every pod of the namespace; they need nothing but the namespace.
+        for key, policy in m.items():
+            if key.startswith(NETWORK_POLICY):
+                k8s.networking.v1.NetworkPolicy(f"{name}-{policy['metadata']['name']}", metadata=policy["metadata"],
+                                                spec=policy["spec"], opts=opts_after())
 
         secrets: list[pulumi.Resource] = []
         if cfg.pipeline.ngc_api_key is not None:
