@@ -254,6 +254,11 @@ def test_the_controller_runs_small_pinned_and_unprivileged():
     assert security["capabilities"] == {"drop": ["ALL"]} and not security["allowPrivilegeEscalation"]
     assert {"name": "fsx", "mountPath": "/fsx", "readOnly": True} in container["volumeMounts"]
     assert pod_spec["serviceAccountName"] == manifests.NAME
+    # The API token only where it is used: an expiring projected token at the path the client reads.
+    assert pod_spec["automountServiceAccountToken"] is False
+    [token] = [v for v in pod_spec["volumes"] if v["name"] == "api-token"]
+    assert {"serviceAccountToken": {"path": "token", "expirationSeconds": 3600}} in token["projected"]["sources"]
+    assert {"name": "api-token", "mountPath": gatekeeper.SERVICE_ACCOUNT, "readOnly": True} in container["volumeMounts"]
     assert container["args"][:3] == ["/opt/nemo-eks/gatekeeper.py", "--namespace", NS]
     assert float(container["args"][4]) <= 30  # a released stage starts within a minute of its marker
     assert deployment["spec"]["replicas"] == 1

@@ -22,6 +22,7 @@ NAME = "nemo-gatekeeper"
 # its multi-architecture digest as published on Docker Hub (https://hub.docker.com/_/python).
 IMAGE = ("docker.io/library/python:3.12.7-slim-bookworm"
          "@sha256:032c52613401895aa3d418a4c563d2d05f993bc3ecc065c8f4e2280978acd249")
+TOKEN_SECONDS = 3600  # the projected token's lifetime; the kubelet renews it at 80 %
 NOBODY = 65534  # the image's `nobody` user: no write access anywhere it does not need
 METRICS_PORT = gatekeeper.DEFAULT_PORT
 
@@ -76,9 +77,11 @@ def deployment_manifest(namespace: str) -> dict[str, Any]:
         # /healthz fails after about four passes without a successful sync: a restart loses nothing.
         "livenessProbe": {"httpGet": {"path": "/healthz", "port": "metrics"}, "initialDelaySeconds": 60,
                           "periodSeconds": 30, "failureThreshold": 3},
+        "readinessProbe": {"httpGet": {"path": "/healthz", "port": "metrics"}, "periodSeconds": 15},
         "resources": {"requests": {"cpu": "50m", "memory": "64Mi"}, "limits": {"cpu": "500m", "memory": "256Mi"}},
         "volumeMounts": [{"name": "fsx", "mountPath": str(FSX_MOUNT), "readOnly": True},
-                         {"name": "entrypoints", "mountPath": str(ENTRYPOINTS_DIR), "readOnly": True}],
+                         {"name": "entrypoints", "mountPath": str(ENTRYPOINTS_DIR), "readOnly": True},
+                         {"name": "api-token", "mountPath": gatekeeper.SERVICE_ACCOUNT, "readOnly": True}],
         "securityContext": {"allowPrivilegeEscalation": False, "capabilities": {"drop": ["ALL"]},
                             "readOnlyRootFilesystem": True, "runAsNonRoot": True,
                             "runAsUser": NOBODY, "runAsGroup": NOBODY},
@@ -96,7 +99,13 @@ def deployment_manifest(namespace: str) -> dict[str, Any]:
                              "annotations": {"nemo-eks/script-sha256": script_digest()}},
                 "spec": {
                     "serviceAccountName": NAME,
-                    "automountServiceAccountToken": True,  # it calls the API, unlike the pipeline's pods
+                    # It calls the API, so it gets a token, but only in this container and explicitly: a
+                    # projected, expiring service account token and the cluster's CA, where the client
+                    # libraries look (https://kubernetes.io/docs/tasks/configure-pod-container/
+                    # configure-service-account/#launch-a-pod-using-service-account-token-projection; every
+                    # namespace has the kube-root-ca.crt ConfigMap). The kubelet renews the token; the
+                    # controller reads it on every call.
+                    "automountServiceAccountToken": False,
                     "nodeSelector": {NODE_ROLE_LABEL: "system"},
                     "securityContext": {"runAsNonRoot": True, "runAsUser": NOBODY, "runAsGroup": NOBODY,
                                         "seccompProfile": {"type": "RuntimeDefault"}},
@@ -105,7 +114,11 @@ def deployment_manifest(namespace: str) -> dict[str, Any]:
                     "volumes": [{"name": "fsx", "persistentVolumeClaim": {"claimName": pods.FSX_CLAIM_NAME,
                                                                           "readOnly": True}},
                                 {"name": "entrypoints", "configMap": {"name": pods.ENTRYPOINTS_CONFIGMAP,
-                                                                      "defaultMode": 0o444}}],
+                                                                      "defaultMode": 0o444}},
+                                {"name": "api-token", "projected": {"defaultMode": 0o444, "sources": [
+                                    {"serviceAccountToken": {"path": "token", "expirationSeconds": TOKEN_SECONDS}},
+                                    {"configMap": {"name": "kube-root-ca.crt",
+                                                   "items": [{"key": "ca.crt", "path": "ca.crt"}]}}]}}],
                 },
             },
         },

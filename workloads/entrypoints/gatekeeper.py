@@ -287,11 +287,13 @@ class Health:
     metrics: str = ""
 
 
-def sync(api: Api, namespace: str, health: Health, out=sys.stdout) -> None:
+def sync(api: Api, namespace: str, health: Health, exists: Callable[[str], bool] = os.path.exists,
+         read: Callable[[str], str] = _read, out=sys.stdout) -> None:
+    """One pass: list, decide, act, then publish the metrics and the time of this successful pass."""
     pods = api.list(f"/api/v1/namespaces/{namespace}/pods").get("items") or []
     upstreams = upstream_index(api.list(UPSTREAM_PATHS["PyTorchJob"].format(ns=namespace)),
                                api.list(UPSTREAM_PATHS["Job"].format(ns=namespace)))
-    decisions = decide_all(pods, os.path.exists, _read, upstreams)
+    decisions = decide_all(pods, exists, read, upstreams)
     now = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
     for call in requests_for(namespace, pods, decisions, now):
         try:
