@@ -145,6 +145,11 @@ KEYS: tuple[Key, ...] = (
     Key("pipeline.enabled", "boolean", True, "true, false", "Declare the training, conversion and serving workloads (false: the platform only)."),
     Key("pipeline.waitForCompletion", "boolean", False, "true, false", "Make `pulumi up` wait for training and conversion to finish (short dev runs, CI)."),
     Key("pipeline.timeoutMinutes", "integer", 720, "10..10080", "How long `pulumi up` waits for a stage when waitForCompletion is on."),
+    # Fault tolerance of the training run (workloads/training.py and docs/pipeline.md say what each fault costs).
+    Key("faultTolerance.workerRestarts", "integer", 10, "0..1000", "Times torchrun restarts a node's ranks in place (a crashed rank, a collective that timed out, a node that left the rendezvous) before its container fails."),
+    Key("faultTolerance.podRestarts", "integer", 3, "0..100", "Container-level faults the training run survives (a restarted container, the loss of the master's node); the PyTorchJob's backoffLimit is this x nodes + 1, because the training operator sums the restarts of all pods."),
+    Key("faultTolerance.ncclTimeoutSeconds", "integer", 1800, "60..7200", "A collective that does not complete within this fails its rank (a hung rank ends in bounded time); keep it above the longest checkpoint save."),
+    Key("faultTolerance.rendezvousTimeoutSeconds", "integer", 1800, "60..7200", "How long torchrun waits for every node to join (at the start, after a restart, for a replacement node); keep it above the time a new GPU node takes to join the cluster."),
     Key("monitoring.stack", "string", "kube-prometheus-stack", ", ".join(MONITORING_STACKS), "kube-prometheus-stack: install it (Prometheus, Alertmanager, Grafana) with the DCGM exporter and prometheus-adapter; existing: a Prometheus with the prometheus-operator CRDs is already in the cluster (give its URL); none: no metrics stack, monitors or alerts."),
     Key("monitoring.prometheusUrl", "string", Derived("the installed stack's Prometheus"), "http(s)://host[:port]", "Prometheus that prometheus-adapter queries for the autoscaler's metric (required with stack: existing)."),
     Key("monitoring.kubePrometheusStackVersion", "string", "85.1.2", "a chart version of kube-prometheus-stack", "kube-prometheus-stack Helm chart version."),
@@ -277,6 +282,14 @@ INSTALLED_PROMETHEUS_URL = "http://kube-prometheus-stack-prometheus.monitoring.s
 
 
 @dataclass(frozen=True)
+class FaultToleranceConfig:
+    worker_restarts: int = 10
+    pod_restarts: int = 3
+    nccl_timeout_seconds: int = 1800
+    rendezvous_timeout_seconds: int = 1800
+
+
+@dataclass(frozen=True)
 class PipelineConfig:
     enabled: bool
     dataset: str
@@ -294,6 +307,7 @@ class PipelineConfig:
     evaluation: EvaluationConfig | None = None
     ngc_api_key: str | None = field(default=None, repr=False)  # secrets: declared only as Pulumi secrets
     hf_token: str | None = field(default=None, repr=False)
+    fault_tolerance: FaultToleranceConfig = FaultToleranceConfig()
 
 
 @dataclass(frozen=True)
@@ -680,12 +694,26 @@ def _load_gpu_node_groups(root: _Section, network: NetworkConfig) -> list[_Group
     return drafts
 
 
+def gpu_phases(plan: sizing.SizingPlan, training_group: str, serving_group: str,
+               max_replicas: int) -> tuple[tuple[tuple[str, int, int], ...], ...]:
+    """What holds GPUs at once, phase by phase, as (group, whole nodes, GPUs packed on nodes) triples.
+
+    A stage whose input does not exist yet is gated and holds nothing (workloads/gatekeeper.py), so training,
+    evaluation and conversion take turns; beside each, the replicas of the model before keep serving, and a
+    rollout adds one surge replica (the Deployment's maxSurge 1) or the conversion its TP x PP GPUs."""
+    serving, replicas = plan.serving.gpus, plan.serving.gpus * max_replicas
+    return (((training_group, plan.parallelism.nodes, 0), (serving_group, 0, replicas)),
+            ((training_group, 0, plan.evaluation.gpus), (serving_group, 0, replicas)),
+            ((serving_group, 0, serving + replicas),))
+
+
 def _size_gpu_node_groups(drafts: Sequence[_GroupDraft], workload: _Workload) -> tuple[GpuNodeGroupConfig, ...]:
-    """Each group's size comes from the plan: the training nodes and the serving nodes it hosts."""
+    """Each group's size comes from the plan: the most nodes of it that can hold GPUs at once."""
     plan = workload.plan
     serving_gpus_per_node = catalog.get(plan.serving.instance_type).gpus
     serving_nodes = math.ceil(plan.serving.gpus / serving_gpus_per_node)  # one replica
     all_replicas = math.ceil(plan.serving.gpus * workload.max_replicas / serving_gpus_per_node)
+    phases = gpu_phases(plan, workload.training_group, workload.serving_group, workload.max_replicas)
     groups = []
     for draft in drafts:
         group, s = draft.config, draft.section
@@ -693,7 +721,10 @@ def _size_gpu_node_groups(drafts: Sequence[_GroupDraft], workload: _Workload) ->
                   "serving": all_replicas if group.name == workload.serving_group else 0}
         # Stages may take turns on a smaller group, but each must fit on it alone (one serving replica).
         least = max(1, stages["training"], serving_nodes if stages["serving"] else 0)
-        planned = max(1, sum(stages.values()))
+        gpus_per_node = group.instance.gpus
+        planned = max(1, *(sum(n for g, n, _ in phase if g == group.name)
+                           + math.ceil(sum(gpus for g, _, gpus in phase if g == group.name) / gpus_per_node)
+                           for phase in phases))
         max_size = group.max_size if draft.max_size_set else planned
         needs = ", ".join(f"{stage} {n}" for stage, n in stages.items() if n) or "no stage"
         _check(max_size >= least, s.where("maxSize"), max_size,
@@ -905,7 +936,7 @@ def _load_pipeline(root: _Section, workload: _Workload, secret_keys: Sequence[st
                           workload.backend, workload.min_replicas, workload.max_replicas,
                           workload.target_queue_time_ms, wait, timeout, monitoring,
                           _load_evaluation(_section(root, "evaluation")), credentials["ngcApiKey"],
-                          credentials["hfToken"])
+                          credentials["hfToken"], _load_fault_tolerance(_section(root, "faultTolerance")))
 
 
 def _load_monitoring(s: _Section) -> MonitoringConfig:
@@ -944,6 +975,17 @@ def _load_evaluation(s: _Section) -> EvaluationConfig:
     return EvaluationConfig(values["enabled"], float(values["minLossImprovementPercent"]),
                             float(values["maxExactMatchDrop"]), values["lossSamples"], values["generationSamples"],
                             values["maxNewTokens"], values["metricsLingerSeconds"])
+
+
+def _load_fault_tolerance(s: _Section) -> FaultToleranceConfig:
+    values = {name: s.get(name) for name in ("workerRestarts", "podRestarts", "ncclTimeoutSeconds",
+                                              "rendezvousTimeoutSeconds")}
+    for name, (low, high) in {"workerRestarts": (0, 1000), "podRestarts": (0, 100), "ncclTimeoutSeconds": (60, 7200),
+                              "rendezvousTimeoutSeconds": (60, 7200)}.items():
+        _check(low <= values[name] <= high, s.where(name), values[name], f"{low}..{high}")
+    s.finish()
+    return FaultToleranceConfig(values["workerRestarts"], values["podRestarts"], values["ncclTimeoutSeconds"],
+                                values["rendezvousTimeoutSeconds"])
 
 
 def _load_addons(s: _Section) -> AddonsConfig:

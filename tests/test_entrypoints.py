@@ -1,5 +1,5 @@
 """The container entrypoints' plain-Python logic: data layout and validation, the Triton model repository,
-serve.py's command lines, wait_for.py, markers and the conversion steps' idempotence.
+serve.py's command lines, markers and the conversion steps' idempotence.
 
 The entrypoints import each other as top-level modules (they sit flat in /opt/nemo-eks in the pod), so the
 directory goes on sys.path here as it does there. NeMo and TensorRT-LLM calls are not run here (see tests/nemo
@@ -35,7 +35,6 @@ import finetune  # noqa: E402
 import layout  # noqa: E402
 import serve  # noqa: E402
 import triton_repo  # noqa: E402
-import wait_for  # noqa: E402
 
 
 def stack_run(stack: str) -> dict:
@@ -316,55 +315,6 @@ def test_serve_print_and_refusal(tmp_path, capsys):
     assert capsys.readouterr().out.startswith("mpirun --allow-run-as-root -n 1 /opt/tritonserver/bin/tritonserver")
     assert serve.main(["--config", path]) == 1  # no conversion marker: never exec a partial repository
     assert "CONVERSION_COMPLETE is missing" in capsys.readouterr().err
-
-
-# --------------------------------------------------------------------------------------------------
-# wait_for.py
-
-
-class FakeClock:
-    def __init__(self):
-        self.now = 0.0
-        self.on_sleep = None
-
-    def __call__(self):
-        return self.now
-
-    def sleep(self, seconds):
-        self.now += seconds
-        if self.on_sleep:
-            self.on_sleep(self.now)
-
-
-def test_wait_returns_when_the_marker_appears(tmp_path, capsys):
-    marker = tmp_path / "PREPARED"
-    clock = FakeClock()
-    clock.on_sleep = lambda now: now >= 60 and layout.write_marker(marker, run_id="r")
-    assert wait_for.wait(str(marker), 3600, 15, clock=clock, sleep=clock.sleep) == wait_for.EXIT_READY
-    assert clock.now == 60
-    assert '"run_id": "r"' in capsys.readouterr().out
-
-
-def test_wait_times_out(tmp_path, capsys):
-    clock = FakeClock()
-    code = wait_for.wait(str(tmp_path / "never"), 100, 15, clock=clock, sleep=clock.sleep)
-    assert code == wait_for.EXIT_TIMEOUT and clock.now == 100
-    assert "timed out after 100 s" in capsys.readouterr().out
-
-
-def test_wait_fails_fast_on_a_failure_marker(tmp_path, capsys):
-    marker = tmp_path / "PREPARED"
-    layout.write_marker(layout.failure_marker(marker), error="bad data: line 3")
-    clock = FakeClock()
-    code = wait_for.wait(str(marker), 3600, 15, [layout.failure_marker(marker)], clock=clock, sleep=clock.sleep)
-    assert code == wait_for.EXIT_FAILED and clock.now == 0
-    assert "bad data: line 3" in capsys.readouterr().out
-
-
-def test_wait_for_cli(tmp_path):
-    assert wait_for.main([str(tmp_path / "never"), "--timeout-seconds", "0.2", "--poll-seconds", "0.05"]) == 2
-    (tmp_path / "DONE").write_text("{}")
-    assert wait_for.main([str(tmp_path / "DONE")]) == 0
 
 
 # --------------------------------------------------------------------------------------------------

@@ -87,13 +87,13 @@ def test_the_training_job_pods_reach_each_other_on_every_port(stack_synth):
     assert peers["spec"]["ingress"] == [{"from": [{"podSelector": expected}]}]  # no "ports": all of them
 
 
-def test_prometheus_scrapes_the_training_and_evaluation_metrics_ports():
+def test_prometheus_scrapes_the_training_evaluation_and_gatekeeper_metrics_ports():
     s = synth_stack("dev")
     found, templates = policies(s), pod_templates(s)
     [stack_release] = [r.inputs for r in s.resources(RELEASE) if r.inputs["chart"] == "kube-prometheus-stack"]
     [monitor] = [m for m in s.manifests() if m["kind"] == "PodMonitor"]
     assert monitor["spec"]["podMetricsEndpoints"][0]["port"] == "metrics"
-    for component in ("training", "evaluation"):
+    for component in ("training", "evaluation", "gatekeeper"):
         allow = found[f"allow-metrics-{component}"]
         scraped = {name: t for name, t in templates.items()
                    if t["metadata"]["labels"]["app.kubernetes.io/component"] == component}
@@ -107,6 +107,7 @@ def test_prometheus_scrapes_the_training_and_evaluation_metrics_ports():
             "podSelector": {"matchLabels": {"app.kubernetes.io/name": "prometheus"}}}]
     assert found["allow-metrics-training"]["spec"]["ingress"][0]["ports"] == [{"protocol": "TCP", "port": 9401}]
     assert found["allow-metrics-evaluation"]["spec"]["ingress"][0]["ports"] == [{"protocol": "TCP", "port": 9400}]
+    assert found["allow-metrics-gatekeeper"]["spec"]["ingress"][0]["ports"] == [{"protocol": "TCP", "port": 9402}]
 
 
 def test_an_existing_prometheus_may_scrape_from_any_namespace():

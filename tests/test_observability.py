@@ -51,9 +51,9 @@ def metric_names(expr: str) -> set[str]:
 
 def our_metrics() -> set[str]:
     """The names our exporters emit (their own tests scrape them and check these are what they serve)."""
-    from workloads.entrypoints import evaluate, training_metrics
+    from workloads.entrypoints import evaluate, gatekeeper, training_metrics
 
-    return set(training_metrics.METRICS) | set(evaluate.METRICS)
+    return set(training_metrics.METRICS) | set(evaluate.METRICS) | set(gatekeeper.METRICS)
 
 
 def manifest(s: synth.Synth, kind: str) -> dict:
@@ -101,7 +101,8 @@ def test_alerts_cover_the_issue_list_and_have_runbooks():
     rules = {r["alert"]: r for r in observability.alert_rules("nemo", load(raw_config(), "dev").pipeline.monitoring)}
     assert set(rules) == {"NemoGpuUtilizationLow", "NemoGpuMemoryHigh", "NemoTrainingLossNotFalling",
                           "NemoValidationLossDiverging", "NemoThroughputDropped", "NemoTrainingPodRestarting",
-                          "NemoTritonRequestFailures", "NemoTritonQueueTimeHigh"}
+                          "NemoTritonRequestFailures", "NemoTritonQueueTimeHigh", "NemoTrainingFailed",
+                          "NemoPipelineStageFailed"}
     assert rules["NemoGpuUtilizationLow"]["for"] == "15m" and "< 80" in rules["NemoGpuUtilizationLow"]["expr"]
     assert "> 0.95" in rules["NemoGpuMemoryHigh"]["expr"]
     runbook = (synth.ROOT / "docs" / "runbook.md").read_text()

@@ -13,7 +13,8 @@ from infra.config import ConfigError, load
 from infra.gpu_nodes import GPU_TAINTS
 from tests.conftest import raw_config, synth_config, synth_stack
 from tools import synth
-from workloads import pipeline, runconfig
+from workloads import pipeline, runconfig, training
+from workloads.entrypoints import gatekeeper
 
 PYTORCHJOB = "kubernetes:kubeflow.org/v1:PyTorchJob"
 JOB = "kubernetes:batch/v1:Job"
@@ -79,7 +80,9 @@ def test_training_job_shape_comes_from_the_plan(stack_synth):
     replicas = job["spec"]["pytorchReplicaSpecs"]
     assert replicas["Master"]["replicas"] == 1
     assert replicas.get("Worker", {"replicas": 0})["replicas"] == plan.parallelism.nodes - 1
-    assert job["spec"]["runPolicy"]["backoffLimit"] >= 1 and "ttlSecondsAfterFinished" not in job["spec"]["runPolicy"]
+    faults = cfg.pipeline.fault_tolerance
+    assert job["spec"]["runPolicy"]["backoffLimit"] == faults.pod_restarts * plan.parallelism.nodes + 1
+    assert "ttlSecondsAfterFinished" not in job["spec"]["runPolicy"] and "elasticPolicy" not in job["spec"]
     assert job["spec"]["nprocPerNode"] == str(instance.gpus)
     for role, spec in replicas.items():
         assert spec["restartPolicy"] == "OnFailure"
@@ -92,6 +95,8 @@ def test_training_job_shape_comes_from_the_plan(stack_synth):
         assert f"--nnodes={plan.parallelism.nodes}" in args and f"--nproc-per-node={instance.gpus}" in args
         assert "--rdzv-backend=c10d" in args and "--rdzv-endpoint=${MASTER_ADDR}:${MASTER_PORT}" in args
         assert f"--rdzv-id={runconfig.run_id(cfg)}" in args
+        assert f"--max-restarts={faults.worker_restarts}" in args
+        assert f"--rdzv-conf=join_timeout={faults.rendezvous_timeout_seconds}" in args
         assert "/opt/amazon/aws-ofi-nccl/lib" in script.split("exec ", 1)[0]
         resources = main["resources"]
         assert resources["requests"] == resources["limits"]
@@ -111,11 +116,19 @@ def test_training_job_shape_comes_from_the_plan(stack_synth):
         env = {e["name"]: e.get("value") for e in main["env"]}
         assert env["FI_EFA_USE_HUGE_PAGE"] == "0"
         assert not any(name.startswith("RDMAV_") for name in env) and "FI_PROVIDER" not in env
-        init = pod["initContainers"][0]
+        assert env["NEMO_EKS_NCCL_TIMEOUT_SECONDS"] == str(faults.nccl_timeout_seconds)
+        assert env["TORCH_NCCL_ASYNC_ERROR_HANDLING"] == "1"  # a timed-out collective ends the rank
         if role == "Master":
-            assert init["args"][-1] == "--prepare"
+            # The master prepares the run itself (its own work, not a wait) and is never gated.
+            [init] = pod["initContainers"]
+            assert init["args"][-1] == "--prepare" and "schedulingGates" not in pod
         else:
-            assert init["name"] == "wait-for-prepare" and init["args"][1].endswith("/PREPARED")
+            # Workers hold no GPU node while the master prepares: gated on the PREPARED marker.
+            assert "initContainers" not in pod
+            assert pod["schedulingGates"] == [{"name": gatekeeper.GATE}]
+            annotations = spec["template"]["metadata"]["annotations"]
+            assert annotations[gatekeeper.WAIT_FOR] == runconfig.run_paths(cfg).as_dict()["prepared_marker"]
+            assert annotations[gatekeeper.ON_FAILURE] == "hold"
 
 
 def test_single_node_run_has_no_workers():
@@ -206,11 +219,17 @@ def test_conversion_job(stack_synth):
     [job] = [j for j in by_kind(stack_synth, "Job") if j["metadata"]["name"].startswith("convert-")]
     pod = job["spec"]["template"]["spec"]
     init = pod["initContainers"]
-    assert [c["name"] for c in init] == ["wait-for-upstream", "export"]
+    assert [c["name"] for c in init] == ["export"]
     assert all(c["image"] == cfg.pipeline.nemo_image for c in init)
-    # Conversion builds only what passed the evaluation gate, and stops at once if it failed.
+    # Conversion builds only what passed the evaluation gate: gated on its marker, failed at once if it failed.
     marker = runconfig.run_paths(cfg).as_dict()["evaluation_marker"]
-    assert init[0]["args"][1] == marker and init[0]["args"][-2:] == ["--failure-marker", f"{marker}.failed"]
+    annotations = job["spec"]["template"]["metadata"]["annotations"]
+    assert pod["schedulingGates"] == [{"name": gatekeeper.GATE}]
+    assert annotations[gatekeeper.WAIT_FOR] == marker and annotations[gatekeeper.FAILURE_MARKER] == f"{marker}.failed"
+    assert annotations[gatekeeper.UPSTREAM] == f"Job/{pipeline.names(cfg).evaluation_job}"
+    assert annotations[gatekeeper.ON_FAILURE] == "fail"
+    assert job["spec"]["podFailurePolicy"]["rules"] == [
+        {"action": "FailJob", "onPodConditions": [{"type": gatekeeper.CONDITION, "status": "True"}]}]
     [build] = pod["containers"]
     assert build["image"] == cfg.pipeline.triton_image  # the tag that serves it builds it
     assert build["resources"]["limits"]["nvidia.com/gpu"] == cfg.sizing.serving.tp * cfg.sizing.serving.pp
@@ -238,7 +257,13 @@ def test_triton_deployment(stack_synth):
     assert triton["readinessProbe"]["httpGet"]["path"] == "/v2/health/ready"
     assert triton["livenessProbe"]["httpGet"]["path"] == "/v2/health/live"
     assert pod["serviceAccountName"] == "nemo-serving"
-    assert pod["initContainers"][0]["args"][1] == runconfig.run_paths(cfg).as_dict()["conversion_marker"]
+    # New pods stay gated (holding nothing) until their engine exists, and are held, not failed, when the
+    # conversion fails: the old ReplicaSet keeps serving.
+    assert "initContainers" not in pod and pod["schedulingGates"] == [{"name": gatekeeper.GATE}]
+    annotations = deployment["spec"]["template"]["metadata"]["annotations"]
+    assert annotations[gatekeeper.WAIT_FOR] == runconfig.run_paths(cfg).as_dict()["conversion_marker"]
+    assert annotations[gatekeeper.UPSTREAM] == f"Job/{pipeline.names(cfg).conversion_job}"
+    assert annotations[gatekeeper.ON_FAILURE] == "hold"
     assert "replicas" not in deployment["spec"]  # the autoscaler owns it
     assert deployment["spec"]["strategy"]["rollingUpdate"] == {"maxSurge": 1, "maxUnavailable": 0}
     [run_json] = [json.loads(m["data"]["run.json"]) for m in by_kind(stack_synth, "ConfigMap")
@@ -267,15 +292,21 @@ def test_evaluation_job(stack_synth):
     [job] = [j for j in by_kind(stack_synth, "Job") if j["metadata"]["name"].startswith("eval-")]
     assert job["metadata"]["name"] == pipeline.names(cfg).evaluation_job
     pod = job["spec"]["template"]["spec"]
-    assert [c["name"] for c in pod["initContainers"]] == ["wait-for-training", "export"]
-    assert pod["initContainers"][0]["args"][1] == runconfig.run_paths(cfg).as_dict()["training_marker"]
+    assert [c["name"] for c in pod["initContainers"]] == ["export"]
+    annotations = job["spec"]["template"]["metadata"]["annotations"]
+    assert pod["schedulingGates"] == [{"name": gatekeeper.GATE}]
+    assert annotations[gatekeeper.WAIT_FOR] == runconfig.run_paths(cfg).as_dict()["training_marker"]
+    assert annotations[gatekeeper.UPSTREAM] == f"PyTorchJob/{pipeline.names(cfg).training_job}"
     [main] = pod["containers"]
     assert main["image"] == cfg.pipeline.nemo_image and main["args"][0].endswith("/evaluate.py")
     # No more GPUs than inference of the model needs, from the plan.
     assert main["resources"]["limits"]["nvidia.com/gpu"] == cfg.sizing.evaluation.gpus <= cfg.sizing.parallelism.gpus_per_node
     assert {"name": "metrics", "containerPort": 9400} in main["ports"]
-    [rule] = job["spec"]["podFailurePolicy"]["rules"]
-    assert rule == {"action": "FailJob", "onExitCodes": {"containerName": "evaluate", "operator": "In", "values": [3]}}
+    gate_failed, upstream_failed = job["spec"]["podFailurePolicy"]["rules"]
+    assert gate_failed == {"action": "FailJob",
+                           "onExitCodes": {"containerName": "evaluate", "operator": "In", "values": [3]}}
+    assert upstream_failed == {"action": "FailJob",
+                               "onPodConditions": [{"type": gatekeeper.CONDITION, "status": "True"}]}
     assert pod["restartPolicy"] == "Never"
     [configmap] = [m for m in by_kind(stack_synth, "ConfigMap") if m["metadata"]["name"] == pipeline.names(cfg).evaluation_configmap]
     doc = json.loads(configmap["data"]["run.json"])
@@ -301,7 +332,9 @@ def test_without_evaluation_conversion_waits_for_training():
     s = synth_config("no-evaluation", {"nemo-eks:evaluation": {"enabled": False}})
     assert not [j for j in by_kind(s, "Job") if j["metadata"]["name"].startswith("eval-")]
     [job] = by_kind(s, "Job")
-    assert job["spec"]["template"]["spec"]["initContainers"][0]["args"][1].endswith("/TRAINING_COMPLETE")
+    annotations = job["spec"]["template"]["metadata"]["annotations"]
+    assert annotations[gatekeeper.WAIT_FOR].endswith("/TRAINING_COMPLETE")
+    assert annotations[gatekeeper.UPSTREAM] == f"PyTorchJob/{job['metadata']['name'].replace('convert-', 'train-').rsplit('-', 1)[0]}"
     conversion = s.one(JOB, "nemo-eks-test-pipeline-conversion")
     assert "nemo-eks-test-pipeline-training" in refs(s, conversion)
 
@@ -335,7 +368,10 @@ def test_ngc_pull_secret_is_never_plain_text(tmp_path):
             templates = ([r["template"] for r in manifest["spec"]["pytorchReplicaSpecs"].values()]
                          if kind == "PyTorchJob" else [manifest["spec"]["template"]])
             for template in templates:
-                assert template["spec"]["imagePullSecrets"] == [{"name": "ngc-pull"}]
+                if any(c["image"].startswith("nvcr.io/") for c in containers(template)):
+                    assert template["spec"]["imagePullSecrets"] == [{"name": "ngc-pull"}]
+                else:  # the gatekeeper's public image needs no NGC credentials
+                    assert "imagePullSecrets" not in template["spec"]
 
 
 def test_docker_config_json_format():

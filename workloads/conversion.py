@@ -30,7 +30,7 @@ class ConversionSpec:
     service_account: str
     run_configmap: str
     upstream_marker: str  # the evaluation's marker, or training's when there is no evaluation
-    wait_seconds: int
+    upstream: str  # "<Kind>/<name>" of the evaluation Job, or of the PyTorchJob when there is no evaluation
     ngc_pull_secret: bool
     await_completion: bool
 
@@ -44,15 +44,16 @@ def job_manifest(spec: ConversionSpec) -> dict[str, Any]:
     share = pods.pod_share(spec.instance, spec.gpus, efa=False, min_memory_gib=export_memory_gib(spec.model_params))
     mounts = pods.volume_mounts()
     labels = pods.labels("conversion", **{"nemo-eks/run-id": spec.run_id, "nemo-eks/serving-id": spec.serving_id})
+    # Gated until the upstream's marker exists; fails at once when the upstream failed (podFailurePolicy).
+    annotations, gates = pods.input_gate(spec.upstream_marker, spec.upstream, "fail")
     return pods.job_manifest(spec.name, spec.namespace, labels, spec.await_completion, BACKOFF_LIMIT, {
         **pods.gpu_scheduling(spec.node_group),
+        "schedulingGates": gates,
         "serviceAccountName": spec.service_account,
         **pods.pull_secrets(spec.ngc_pull_secret),
         "initContainers": [
-            pods.wait_for_container("wait-for-upstream", spec.nemo_image, spec.upstream_marker, spec.wait_seconds,
-                                    mounts),
             pods.script_container("export", spec.nemo_image, "export.py", share.resources(devices=False), mounts),
         ],
         "containers": [pods.script_container("build", spec.triton_image, "build_engine.py", share.resources(), mounts)],
         "volumes": pods.volumes(spec.run_configmap, share.shm_gib),
-    })
+    }, pod_annotations=annotations, podFailurePolicy={"rules": [pods.upstream_failed_rule()]})

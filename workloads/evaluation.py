@@ -32,7 +32,7 @@ class EvaluationSpec:
     service_account: str
     run_configmap: str
     training_marker: str
-    wait_seconds: int
+    training_job: str  # the PyTorchJob whose failure fails this Job
     ngc_pull_secret: bool
     await_completion: bool
 
@@ -54,20 +54,25 @@ def job_manifest(spec: EvaluationSpec) -> dict[str, Any]:
     evaluate["ports"] = [{"name": "metrics", "containerPort": spec.metrics_port}]
     # The gate's reason is the termination message; an out-of-memory kill leaves the log tail instead.
     evaluate["terminationMessagePolicy"] = "FallbackToLogsOnError"
+    # Gated until training's marker exists: the pod holds no GPU while the run trains.
+    annotations, gates = pods.input_gate(spec.training_marker, f"PyTorchJob/{spec.training_job}", "fail")
     return pods.job_manifest(
         spec.name, spec.namespace, labels, spec.await_completion, BACKOFF_LIMIT, {
             **pods.gpu_scheduling(spec.node_group),
+            "schedulingGates": gates,
             "serviceAccountName": spec.service_account,
             **pods.pull_secrets(spec.ngc_pull_secret),
             "initContainers": [
-                pods.wait_for_container("wait-for-training", spec.image, spec.training_marker, spec.wait_seconds,
-                                        mounts),
                 pods.script_container("export", spec.image, "export.py", share.resources(devices=False), mounts),
             ],
             "containers": [evaluate],
             "volumes": pods.volumes(spec.run_configmap, share.shm_gib),
         },
-        # A failed gate fails the Job at once, with the reason in the pod's termination message; other
-        # failures (a node lost, an out-of-memory) are retried.
-        podFailurePolicy={"rules": [{"action": "FailJob", "onExitCodes": {
-            "containerName": "evaluate", "operator": "In", "values": [GATE_FAILED_EXIT_CODE]}}]})
+        pod_annotations=annotations,
+        # A failed gate fails the Job at once, with the reason in the pod's termination message; so does a
+        # failed training run (the gatekeeper's pod condition). Other failures (a node lost, an
+        # out-of-memory) are retried.
+        podFailurePolicy={"rules": [
+            {"action": "FailJob", "onExitCodes": {"containerName": "evaluate", "operator": "In",
+                                                  "values": [GATE_FAILED_EXIT_CODE]}},
+            pods.upstream_failed_rule()]})

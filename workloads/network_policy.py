@@ -1,7 +1,7 @@
 """NetworkPolicies of the pipeline namespace: no pod takes traffic that a rule here does not allow.
 
 Ingress is denied by default. Allowed: Triton's ports from any pod of the cluster (its clients, and Prometheus
-scraping its metrics port); Prometheus's scrapes of the training and evaluation metrics ports; and, between
+scraping its metrics port); Prometheus's scrapes of the training, evaluation and gatekeeper metrics ports; and, between
 the pods of one PyTorchJob, every port (torchrun's c10d rendezvous at the master, NCCL's bootstrap and socket
 traffic on ports it picks at run time). EFA traffic bypasses the pod's network interface and no policy sees
 it. Egress stays open: the pods pull images from NGC, the model from Hugging Face, and read and write S3.
@@ -18,7 +18,7 @@ from typing import Any, Mapping
 
 from infra import monitoring
 from infra.config import MonitoringConfig
-from workloads import pods, runconfig, serving
+from workloads import gatekeeper, pods, runconfig, serving
 from workloads.observability import TRAINING_METRICS_PORT
 
 # Labels the Kubeflow training operator v1 puts on every pod of a PyTorchJob (kubeflow/trainer v1.9.3:
@@ -88,6 +88,7 @@ def manifests(namespace: str, training_job: str, monitoring_cfg: MonitoringConfi
     policies = [default_deny_ingress(namespace), triton_ingress(namespace), training_peers(namespace, training_job)]
     if monitoring_cfg.enabled:
         policies.append(metrics_scrapes(namespace, "training", TRAINING_METRICS_PORT, monitoring_cfg))
+        policies.append(metrics_scrapes(namespace, "gatekeeper", gatekeeper.METRICS_PORT, monitoring_cfg))
         if evaluation:
             policies.append(metrics_scrapes(namespace, "evaluation", runconfig.EVALUATION_METRICS_PORT, monitoring_cfg))
     return {policy["metadata"]["name"]: policy for policy in policies}

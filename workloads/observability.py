@@ -7,7 +7,8 @@ The metric names here are the ones the exporters really emit (tests check each a
   nv_inference_queue_duration_us (cumulative counters).
 - kube-state-metrics (in kube-prometheus-stack): kube_pod_container_status_restarts_total, kube_pod_status_phase.
 - Ours: workloads/entrypoints/training_metrics.py (nemo_training_*, nemo_validation_loss,
-  nemo_throughput_tokens_per_sec, nemo_step_time_seconds) and evaluate.py (nemo_eval_*).
+  nemo_throughput_tokens_per_sec, nemo_step_time_seconds), evaluate.py (nemo_eval_*) and gatekeeper.py
+  (nemo_pipeline_job_failed).
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from typing import Any
 
 from infra.config import MonitoringConfig
 from workloads import pods
+from workloads.entrypoints import gatekeeper
 
 TRAINING_METRICS_PORT = 9401
 RUNBOOK = "https://github.com/nemo-eks/nemo-eks/blob/main/docs/runbook.md#runbook-{}"
@@ -33,16 +35,17 @@ VALIDATION_LOSS = "nemo_validation_loss"
 THROUGHPUT = "nemo_throughput_tokens_per_sec"
 STEP_TIME = "nemo_step_time_seconds"
 TRAINING_STEP = "nemo_training_step"
+JOB_FAILED = gatekeeper.JOB_FAILED  # served by the gatekeeper (entrypoints/gatekeeper.py, metrics_text)
 
 
 def pod_monitor_manifest(namespace: str) -> dict[str, Any]:
-    """Training pods (port 9401, our exporter on global rank 0) and the evaluation pod (port 9400, while it
-    lingers) are scraped directly: they have no Service."""
+    """Training pods (port 9401, our exporter on global rank 0), the evaluation pod (port 9400, while it
+    lingers) and the gatekeeper (port 9402, nemo_pipeline_job_failed) are scraped directly: they have no Service."""
     return {"apiVersion": "monitoring.coreos.com/v1", "kind": "PodMonitor",
             "metadata": {"name": "nemo-pipeline", "namespace": namespace, "labels": pods.labels("monitoring")},
             "spec": {
                 "selector": {"matchExpressions": [{"key": "app.kubernetes.io/component", "operator": "In",
-                                                    "values": ["training", "evaluation"]},
+                                                    "values": ["training", "evaluation", "gatekeeper"]},
                                                    {"key": "app.kubernetes.io/part-of", "operator": "In",
                                                     "values": [pods.PART_OF]}]},
                 "podMetricsEndpoints": [{"port": "metrics", "path": "/metrics", "interval": "30s"}],
@@ -86,6 +89,15 @@ def alert_rules(namespace: str, cfg: MonitoringConfig) -> list[dict[str, Any]]:
         rule("NemoTrainingPodRestarting",
              f"increase(kube_pod_container_status_restarts_total{{{training}}}[30m]) > 0",
              "0m", "warning", "Training pod {{ $labels.pod }} restarted"),
+        # The gatekeeper reads every pipeline PyTorchJob's and Job's Failed condition (the training operator's
+        # own failure counter misses backoff-limit failures: common/job.go never increments it).
+        rule("NemoTrainingFailed",
+             f"max by (namespace, name, run_id) ({JOB_FAILED}{{namespace=\"{namespace}\", component=\"training\"}}) == 1",
+             "0m", "critical", "Training run {{ $labels.run_id }} ({{ $labels.name }}) failed for good"),
+        rule("NemoPipelineStageFailed",
+             f"max by (namespace, name, component) ({JOB_FAILED}{{namespace=\"{namespace}\", "
+             f"component=~\"evaluation|conversion\"}}) == 1",
+             "0m", "warning", "{{ $labels.component }} Job {{ $labels.name }} failed"),
         rule("NemoTritonRequestFailures", f"{failure_ratio} > {cfg.triton_failure_ratio}",
              "5m", "critical", f"Over {cfg.triton_failure_ratio:.1%} of requests to {{{{ $labels.pod }}}} fail"),
         rule("NemoTritonQueueTimeHigh", f"{queue_ms} > {cfg.triton_queue_time_ms}",

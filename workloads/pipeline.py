@@ -1,5 +1,5 @@
 """The pipeline on Kubernetes: training PyTorchJob -> evaluation Job -> conversion Job -> Triton, with their
-ConfigMaps and secrets, declared in dependency order. The builders in training.py, evaluation.py,
+ConfigMaps and secrets and the gatekeeper that releases each stage's gated pods, declared in dependency order. The builders in training.py, evaluation.py,
 conversion.py and serving.py make the manifests; this component only declares them."""
 
 from __future__ import annotations
@@ -16,7 +16,8 @@ import pulumi_kubernetes as k8s
 from infra import catalog
 from infra.config import StackConfig
 from infra.identity import WORKLOADS
-from workloads import conversion, evaluation, network_policy, observability, pods, runconfig, serving, training
+from workloads import (conversion, evaluation, gatekeeper, network_policy, observability, pods, runconfig, serving,
+                       training)
 
 ENTRYPOINTS = Path(__file__).parent / "entrypoints"
 NETWORK_POLICY = "network_policy:"  # role prefix of the namespace's NetworkPolicies in manifests()
@@ -69,28 +70,33 @@ def manifests(cfg: StackConfig) -> dict[str, dict[str, Any]]:
     wait_seconds = pipeline.timeout_minutes * 60
     run = runconfig.run_id(cfg)
     build_gpus = plan.serving.world_size if pipeline.serving_backend == "engine" else 0
+    faults = pipeline.fault_tolerance
     training_spec = training.TrainingSpec(
         name=n.training_job, namespace=ns, run_id=run, image=pipeline.nemo_image, instance=training_instance,
         nodes=plan.parallelism.nodes, node_group=cfg.training_node_group,
         service_account=WORKLOADS["training"].service_account, run_configmap=n.training_configmap,
-        prepared_marker=str(paths.prepared_marker), wait_seconds=wait_seconds,
+        prepared_marker=str(paths.prepared_marker),
         ngc_pull_secret=pipeline.ngc_api_key is not None, hf_token=pipeline.hf_token is not None,
-        await_completion=pipeline.wait_for_completion)
+        await_completion=pipeline.wait_for_completion, worker_restarts=faults.worker_restarts,
+        pod_restarts=faults.pod_restarts, nccl_timeout_seconds=faults.nccl_timeout_seconds,
+        rendezvous_timeout_seconds=faults.rendezvous_timeout_seconds)
     evaluate = pipeline.evaluation.enabled
-    # Conversion waits for the evaluation's verdict when there is one, else for training.
+    # Conversion waits for the evaluation's verdict when there is one, else for training; and fails with it.
     upstream_marker = paths.evaluation_marker if evaluate else paths.training_marker
+    upstream = f"Job/{n.evaluation_job}" if evaluate else f"PyTorchJob/{n.training_job}"
     conversion_spec = conversion.ConversionSpec(
         name=n.conversion_job, namespace=ns, run_id=run, serving_id=paths.serving_id,
         nemo_image=pipeline.nemo_image, triton_image=pipeline.triton_image, instance=serving_instance,
         gpus=build_gpus, model_params=plan.model.params, node_group=cfg.serving_node_group,
         service_account=WORKLOADS["conversion"].service_account, run_configmap=n.serving_configmap,
-        upstream_marker=str(upstream_marker), wait_seconds=wait_seconds,
+        upstream_marker=str(upstream_marker), upstream=upstream,
         ngc_pull_secret=pipeline.ngc_api_key is not None, await_completion=pipeline.wait_for_completion)
     serving_spec = serving.ServingSpec(
         name=n.deployment, namespace=ns, run_id=run, serving_id=paths.serving_id, image=pipeline.triton_image,
         instance=serving_instance, world_size=plan.serving.world_size, node_group=cfg.serving_node_group,
         service_account=WORKLOADS["serving"].service_account, run_configmap=n.serving_configmap,
-        conversion_marker=str(paths.conversion_marker), wait_seconds=wait_seconds,
+        conversion_marker=str(paths.conversion_marker), conversion_job=n.conversion_job,
+        progress_deadline_seconds=wait_seconds,
         ngc_pull_secret=pipeline.ngc_api_key is not None, min_replicas=pipeline.min_replicas,
         max_replicas=pipeline.max_replicas, target_queue_time_ms=pipeline.target_queue_time_ms)
     result = {
@@ -105,6 +111,7 @@ def manifests(cfg: StackConfig) -> dict[str, dict[str, Any]]:
         "service": serving.service_manifest(serving_spec),
         "disruption_budget": serving.disruption_budget_manifest(serving_spec),
         "autoscaler": serving.autoscaler_manifest(serving_spec),
+        **gatekeeper.manifests(ns),
     }
     if evaluate:
         evaluation_spec = evaluation.EvaluationSpec(
@@ -113,7 +120,7 @@ def manifests(cfg: StackConfig) -> dict[str, dict[str, Any]]:
             model_params=plan.model.params, metrics_port=runconfig.EVALUATION_METRICS_PORT,
             node_group=cfg.training_node_group, service_account=WORKLOADS["training"].service_account,
             run_configmap=n.evaluation_configmap, training_marker=str(paths.training_marker),
-            wait_seconds=wait_seconds, ngc_pull_secret=pipeline.ngc_api_key is not None,
+            training_job=n.training_job, ngc_pull_secret=pipeline.ngc_api_key is not None,
             await_completion=pipeline.wait_for_completion)
         result["evaluation_config"] = configmap_manifest(
             n.evaluation_configmap, ns, {"run.json": json.dumps(runconfig.evaluation_document(cfg), indent=2)},
@@ -148,6 +155,7 @@ class Pipeline(pulumi.ComponentResource):
     evaluation_job: k8s.batch.v1.Job | None
     conversion_job: k8s.batch.v1.Job
     deployment: k8s.apps.v1.Deployment
+    gatekeeper: k8s.apps.v1.Deployment
 
     def __init__(self, name: str, args: PipelineArgs, opts: pulumi.ResourceOptions | None = None):
         super().__init__("nemo-eks:workloads:Pipeline", name, None, opts)
@@ -185,6 +193,23 @@ class Pipeline(pulumi.ComponentResource):
         training_config = configmap("training_config", "training-config")
         serving_config = configmap("serving_config", "serving-config")
 
+        # The gatekeeper releases the gated pods below (training's workers, evaluation, conversion, Triton):
+        # each of those comes after it, so no gated pod exists before something can release it.
+        account = m["gatekeeper_service_account"]
+        gatekeeper_account = k8s.core.v1.ServiceAccount(f"{name}-gatekeeper-account", metadata=account["metadata"],
+                                                        opts=opts_after())
+        role = m["gatekeeper_role"]
+        gatekeeper_role = k8s.rbac.v1.Role(f"{name}-gatekeeper-role", metadata=role["metadata"], rules=role["rules"],
+                                           opts=opts_after())
+        binding = m["gatekeeper_role_binding"]
+        gatekeeper_binding = k8s.rbac.v1.RoleBinding(
+            f"{name}-gatekeeper-binding", metadata=binding["metadata"], role_ref=binding["roleRef"],
+            subjects=binding["subjects"], opts=opts_after(gatekeeper_account, gatekeeper_role))
+        controller = m["gatekeeper"]
+        self.gatekeeper = k8s.apps.v1.Deployment(
+            f"{name}-gatekeeper", metadata=controller["metadata"], spec=controller["spec"],
+            opts=opts_after(gatekeeper_binding, code, args.fsx_claim))
+
         job = m["training"]
         # Training needs its GPU nodes, the FSx claim, the device plugins (GPUs and EFA interfaces are only
         # schedulable once advertised) and the operator (the PyTorchJob kind and its webhook). A changed
@@ -193,32 +218,33 @@ class Pipeline(pulumi.ComponentResource):
             f"{name}-training", api_version=job["apiVersion"], kind=job["kind"], metadata=job["metadata"],
             spec=job["spec"],
             opts=opts_after(args.training_nodes, args.fsx_claim, args.training_operator, *args.device_plugins,
-                            *args.service_accounts, code, training_config, *secrets,
+                            *args.service_accounts, code, training_config, *secrets, self.gatekeeper,
                             replace_on_changes=["spec"], delete_before_replace=True, custom_timeouts=timeouts))
         upstream: pulumi.Resource = self.training_job
         self.evaluation_job = None
         if "evaluation" in m:
             evaluation_config = configmap("evaluation_config", "evaluation-config")
             evaluate = m["evaluation"]
-            # Evaluation measures what training wrote: in-cluster it waits for the training marker; for
-            # Pulumi it comes after the PyTorchJob (and, with waitForCompletion, after it succeeded).
+            # Evaluation measures what training wrote: in-cluster its pod stays gated (holding no GPU) until the
+            # training marker exists; for Pulumi it comes after the PyTorchJob (and, with waitForCompletion,
+            # after it succeeded).
             self.evaluation_job = k8s.batch.v1.Job(
                 f"{name}-evaluation", metadata=evaluate["metadata"], spec=evaluate["spec"],
-                opts=opts_after(self.training_job, code, evaluation_config, *secrets,
+                opts=opts_after(self.training_job, code, evaluation_config, *secrets, self.gatekeeper,
                                 delete_before_replace=True, custom_timeouts=timeouts))
             upstream = self.evaluation_job
         convert = m["conversion"]
-        # Conversion builds what passed the evaluation gate (what training wrote, without evaluation): it
-        # waits in-cluster for that stage's marker and fails at once on its failure marker.
+        # Conversion builds what passed the evaluation gate (what training wrote, without evaluation): its pod
+        # stays gated until that stage's marker exists, and the Job fails at once when that stage failed.
         self.conversion_job = k8s.batch.v1.Job(
             f"{name}-conversion", metadata=convert["metadata"], spec=convert["spec"],
-            opts=opts_after(upstream, args.serving_nodes, code, serving_config, *secrets,
+            opts=opts_after(upstream, args.serving_nodes, code, serving_config, *secrets, self.gatekeeper,
                             delete_before_replace=True, custom_timeouts=timeouts))
         deployment = m["deployment"]
-        # Triton serves what the conversion built: its pods wait for the conversion marker.
+        # Triton serves what the conversion built: its new pods stay gated until the conversion marker exists.
         self.deployment = k8s.apps.v1.Deployment(
             f"{name}-triton", metadata=deployment["metadata"], spec=deployment["spec"],
-            opts=opts_after(self.conversion_job, code, serving_config, *secrets))
+            opts=opts_after(self.conversion_job, code, serving_config, *secrets, self.gatekeeper))
         after_triton = opts_after(self.deployment)
         k8s.core.v1.Service(f"{name}-triton-service", metadata=m["service"]["metadata"], spec=m["service"]["spec"],
                             opts=after_triton)

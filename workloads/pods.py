@@ -10,6 +10,7 @@ from typing import Any, Mapping, Sequence
 from infra.addons import FSX_CLAIM_NAME
 from infra.catalog import InstanceType
 from infra.gpu_nodes import NODE_GROUP_LABEL, gpu_tolerations
+from workloads.entrypoints import gatekeeper
 from workloads.entrypoints.layout import ENTRYPOINTS_DIR, FSX_MOUNT, RUN_CONFIG_DIR, RUN_CONFIG_FILE, failure_marker
 
 PART_OF = "nemo-eks"
@@ -142,7 +143,8 @@ def script_container(name: str, image: str, script: str, resources: dict[str, An
 
 
 def job_manifest(name: str, namespace: str, labels: Mapping[str, str], await_completion: bool,
-                 backoff_limit: int, pod_spec: dict[str, Any], **job_spec: Any) -> dict[str, Any]:
+                 backoff_limit: int, pod_spec: dict[str, Any], pod_annotations: Mapping[str, str] | None = None,
+                 **job_spec: Any) -> dict[str, Any]:
     """A batch/v1 Job of the pipeline. No ttlSecondsAfterFinished: a Job deleted by its TTL would be created
     again by the next `pulumi up`. Unless `pulumi up` is to wait for it, Pulumi does not await it."""
     return {
@@ -151,16 +153,26 @@ def job_manifest(name: str, namespace: str, labels: Mapping[str, str], await_com
         "metadata": {"name": name, "namespace": namespace, "labels": dict(labels),
                      "annotations": {} if await_completion else {"pulumi.com/skipAwait": "true"}},
         "spec": {"backoffLimit": backoff_limit, **job_spec,
-                 "template": {"metadata": {"labels": dict(labels)}, "spec": {"restartPolicy": "Never", **pod_spec}}},
+                 "template": {"metadata": {"labels": dict(labels),
+                                           **({"annotations": dict(pod_annotations)} if pod_annotations else {})},
+                              "spec": {"restartPolicy": "Never", **pod_spec}}},
     }
 
 
-def wait_for_container(name: str, image: str, marker: str, timeout_seconds: int,
-                       mounts: Sequence[dict[str, Any]]) -> dict[str, Any]:
-    """An init container that holds a stage until the previous stage's completion marker exists on FSx, and
-    fails at once when that stage leaves a failure marker instead (rather than waiting out the timeout)."""
-    args = [f"{ENTRYPOINTS_DIR}/wait_for.py", marker, "--timeout-seconds", str(timeout_seconds),
-            "--failure-marker", failure_marker(marker)]
-    return {"name": name, "image": image, "command": ["python3"], "args": args,
-            "resources": {"requests": {"cpu": "100m", "memory": "128Mi"}, "limits": {"cpu": "500m", "memory": "256Mi"}},
-            "volumeMounts": list(mounts), "securityContext": dict(NO_PRIVILEGES)}
+def input_gate(marker: str, upstream: str | None, on_failure: str) -> tuple[dict[str, str], list[dict[str, str]]]:
+    """Pod-template annotations and scheduling gates that keep a pod unscheduled (no node, no GPU, not pending
+    for the node autoscaler) until ``marker`` exists on FSx; the gatekeeper (workloads/gatekeeper.py) removes
+    the gate then. When the upstream stage leaves its failure marker, or ``upstream`` ("<Kind>/<name>") has
+    failed for good, it fails the pod (``on_failure="fail"``, pods of a Job) or holds it gated with the
+    reason (``"hold"``, pods of a Deployment whose old pods keep serving)."""
+    annotations = {gatekeeper.WAIT_FOR: marker, gatekeeper.FAILURE_MARKER: failure_marker(marker),
+                   gatekeeper.ON_FAILURE: on_failure}
+    if upstream:
+        annotations[gatekeeper.UPSTREAM] = upstream
+    return annotations, [{"name": gatekeeper.GATE}]
+
+
+def upstream_failed_rule() -> dict[str, Any]:
+    """The podFailurePolicy rule that fails a Job at once when the gatekeeper failed its pod for an upstream
+    failure (the Job's condition then names the pod, whose status message carries the reason)."""
+    return {"action": "FailJob", "onPodConditions": [{"type": gatekeeper.CONDITION, "status": "True"}]}

@@ -28,7 +28,8 @@ class ServingSpec:
     service_account: str
     run_configmap: str
     conversion_marker: str
-    wait_seconds: int
+    conversion_job: str
+    progress_deadline_seconds: int
     ngc_pull_secret: bool
     min_replicas: int
     max_replicas: int
@@ -40,6 +41,11 @@ def deployment_manifest(spec: ServingSpec) -> dict[str, Any]:
     mounts = pods.volume_mounts(read_only_fsx=True)
     labels = {**SELECTOR, "app.kubernetes.io/component": "serving", "nemo-eks/run-id": spec.run_id,
               "nemo-eks/serving-id": spec.serving_id}
+    # New pods stay gated (holding nothing) until their engine exists; while they wait, the old ReplicaSet keeps
+    # serving (maxUnavailable 0). A failed conversion holds them gated, with the reason in a pod condition
+    # and an Event: a Deployment cannot fail, and failing the pods would make the ReplicaSet replace them
+    # in a loop.
+    annotations, gates = pods.input_gate(spec.conversion_marker, f"Job/{spec.conversion_job}", "hold")
     health = {"ready": {"httpGet": {"path": "/v2/health/ready", "port": "http"}},
               "live": {"httpGet": {"path": "/v2/health/live", "port": "http"}}}
     return {
@@ -53,16 +59,15 @@ def deployment_manifest(spec: ServingSpec) -> dict[str, Any]:
             "selector": {"matchLabels": SELECTOR},
             # A new model rolls in beside the old one, which keeps serving until the new pod is ready.
             "strategy": {"type": "RollingUpdate", "rollingUpdate": {"maxSurge": 1, "maxUnavailable": 0}},
-            "progressDeadlineSeconds": spec.wait_seconds,
+            "progressDeadlineSeconds": spec.progress_deadline_seconds,
             "template": {
-                "metadata": {"labels": labels},
+                "metadata": {"labels": labels, "annotations": annotations},
                 "spec": {
                     **pods.gpu_scheduling(spec.node_group),
+                    "schedulingGates": gates,
                     "serviceAccountName": spec.service_account,
                     **pods.pull_secrets(spec.ngc_pull_secret),
                     "terminationGracePeriodSeconds": 60,
-                    "initContainers": [pods.wait_for_container("wait-for-conversion", spec.image,
-                                                               spec.conversion_marker, spec.wait_seconds, mounts)],
                     "containers": [{
                         "name": "triton",
                         "image": spec.image,

@@ -8,10 +8,23 @@ from typing import Any
 from infra.catalog import InstanceType
 from workloads import pods
 from workloads.observability import TRAINING_METRICS_PORT
-from workloads.entrypoints.layout import ENTRYPOINTS_DIR, RUN_CONFIG_FILE
+from workloads.entrypoints.layout import ENTRYPOINTS_DIR, NCCL_TIMEOUT_ENV, RUN_CONFIG_FILE
 
 MASTER_PORT = 23456  # the training operator's default; its Service for the master exposes it by this name
-BACKOFF_LIMIT = 3  # pod restarts (OnFailure) resume from the last checkpoint; after that the job fails
+
+
+def backoff_limit(nodes: int, pod_restarts: int) -> int:
+    """The PyTorchJob's runPolicy.backoffLimit for surviving ``pod_restarts`` container-level faults.
+
+    Training operator v1.9.3 fails a job when the restart counts of all containers (init containers
+    included) of its Running pods, summed over the replicas whose restartPolicy is OnFailure, Always or
+    ExitCode, reach the limit: ``result >= *runPolicy.BackoffLimit`` (kubeflow/trainer v1.9.3,
+    pkg/core/job.go:93-133, PastBackoffLimit; called from pkg/controller.v1/common/job.go:200). One
+    container-level fault can restart every node's container (the master's container hosts torchrun's
+    rendezvous store, and every other node's agent fails without it), so each fault may add ``nodes``;
+    the + 1 keeps the last tolerated fault below the ``>=``.
+    """
+    return pod_restarts * nodes + 1
 
 
 @dataclass(frozen=True)
@@ -26,20 +39,34 @@ class TrainingSpec:
     service_account: str
     run_configmap: str
     prepared_marker: str
-    wait_seconds: int
     ngc_pull_secret: bool
     hf_token: bool
     await_completion: bool
+    worker_restarts: int = 10
+    pod_restarts: int = 3
+    nccl_timeout_seconds: int = 1800
+    rendezvous_timeout_seconds: int = 1800
 
 
 def torchrun_command(spec: TrainingSpec) -> list[str]:
     """c10d rendezvous at the master's Service (MASTER_ADDR/MASTER_PORT come from the training operator);
-    one process per GPU. The EFA libraries go on the library path first, or NCCL falls back to sockets."""
+    one process per GPU. The EFA libraries go on the library path first, or NCCL falls back to sockets.
+
+    ``--max-restarts``: when a rank fails, torchrun's agent stops the node's ranks and starts them again in a
+    new rendezvous round, in the same container (the restart count of the pod does not move); the agents of
+    the other nodes join that round. ``join_timeout`` (torch.distributed.elastic.rendezvous.dynamic_rendezvous,
+    create_handler; default 600 s) bounds how long a round waits for every node, here long enough for a
+    replacement GPU node to join. These are explicit flags, so no elasticPolicy is needed: without one the
+    operator only sets PET_NNODES, PET_NPROC_PER_NODE and PET_NODE_RANK (kubeflow/trainer v1.9.3,
+    pkg/controller.v1/pytorch/envvar.go), which torchrun reads as defaults that flags override; an
+    elasticPolicy would point PET_RDZV_ENDPOINT at worker-0 (elastic.go) and needs a Worker replica, which a
+    single-node run does not have."""
     gpus = spec.instance.gpus
     script = (
         f"export LD_LIBRARY_PATH={pods.EFA_LIBRARY_PATH}:${{LD_LIBRARY_PATH:-}} && "
         f"exec torchrun --nnodes={spec.nodes} --nproc-per-node={gpus} --rdzv-backend=c10d "
         f"--rdzv-endpoint=${{MASTER_ADDR}}:${{MASTER_PORT}} --rdzv-id={spec.run_id} "
+        f"--rdzv-conf=join_timeout={spec.rendezvous_timeout_seconds} --max-restarts={spec.worker_restarts} "
         f"{ENTRYPOINTS_DIR}/finetune.py --config {RUN_CONFIG_FILE}"
     )
     return ["/bin/bash", "-c", script]
@@ -49,17 +76,26 @@ def _pod_template(spec: TrainingSpec, role: str) -> dict[str, Any]:
     share = pods.pod_share(spec.instance, spec.instance.gpus, efa=spec.instance.efa)
     mounts = pods.volume_mounts()
     compute = share.resources()
+    metadata: dict[str, Any] = {"labels": pods.labels("training", **{"nemo-eks/run-id": spec.run_id})}
+    placement: dict[str, Any] = {}
     if role == "master":
-        # Once per run, before any rank starts: lay out the data and import the base model.
-        init = pods.script_container("prepare", spec.image, "finetune.py", share.resources(devices=False), mounts,
-                                     "--prepare", hf_token=spec.hf_token)
+        # Once per run, before any rank starts: lay out the data and import the base model. This is the
+        # master's own work (it needs a GPU node's memory for the import), not a wait for another stage.
+        placement["initContainers"] = [pods.script_container(
+            "prepare", spec.image, "finetune.py", share.resources(devices=False), mounts, "--prepare",
+            hf_token=spec.hf_token)]
     else:
-        init = pods.wait_for_container("wait-for-prepare", spec.image, spec.prepared_marker, spec.wait_seconds, mounts)
+        # Workers are gated until the master's prepare is done, so they hold no GPU node meanwhile. A failed
+        # prepare holds them (the master retries it; the operator would only recreate a failed worker pod).
+        annotations, gates = pods.input_gate(spec.prepared_marker, None, "hold")
+        metadata["annotations"] = annotations
+        placement["schedulingGates"] = gates
+    env = {**pods.NCCL_EFA_ENV, NCCL_TIMEOUT_ENV: str(spec.nccl_timeout_seconds)}
     container = {
         "name": "pytorch",  # the training operator injects its rendezvous environment into this container
         "image": spec.image,
         "command": torchrun_command(spec),
-        "env": pods.env(pods.NCCL_EFA_ENV, hf_token=spec.hf_token),
+        "env": pods.env(env, hf_token=spec.hf_token),
         "ports": [{"name": "pytorchjob-port", "containerPort": MASTER_PORT},
                   # Global rank 0 serves training metrics here (PodMonitor of the metrics stack).
                   {"name": "metrics", "containerPort": TRAINING_METRICS_PORT}],
@@ -68,12 +104,12 @@ def _pod_template(spec: TrainingSpec, role: str) -> dict[str, Any]:
         "securityContext": pods.container_security(),
     }
     return {
-        "metadata": {"labels": pods.labels("training", **{"nemo-eks/run-id": spec.run_id})},
+        "metadata": metadata,
         "spec": {
             **pods.gpu_scheduling(spec.node_group),
             "serviceAccountName": spec.service_account,
             **pods.pull_secrets(spec.ngc_pull_secret),
-            "initContainers": [init],
+            **placement,
             "containers": [container],
             "volumes": pods.volumes(spec.run_configmap, share.shm_gib),
         },
@@ -99,7 +135,10 @@ def pytorchjob_manifest(spec: TrainingSpec) -> dict[str, Any]:
         "spec": {
             # No ttlSecondsAfterFinished: the operator would delete the finished job and the next refresh
             # would create it again, re-running the training.
-            "runPolicy": {"backoffLimit": BACKOFF_LIMIT, "cleanPodPolicy": "None"},
+            # On a final failure the operator deletes the job's pods whatever cleanPodPolicy says: it calls
+            # DeletePodsAndServices before it sets the Failed condition (pkg/controller.v1/common/job.go:225
+            # and :245), so no crash-looping pod keeps its GPUs.
+            "runPolicy": {"backoffLimit": backoff_limit(spec.nodes, spec.pod_restarts), "cleanPodPolicy": "None"},
             "nprocPerNode": str(spec.instance.gpus),
             "pytorchReplicaSpecs": replicas,
         },

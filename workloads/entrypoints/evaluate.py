@@ -734,7 +734,7 @@ def render_metrics(report: dict[str, Any]) -> str:
 
 
 def headline(report: dict[str, Any], report_file: str) -> dict[str, Any]:
-    """The numbers the markers carry (wait_for.py prints them in the next stage's log)."""
+    """The numbers the markers carry (the gatekeeper logs the marker it releases the next stage on)."""
     base, finetuned, verdict = report["models"]["base"], report["models"]["finetuned"], report["gate"]
     return {"run_id": report["run_id"], "eval_id": report.get("eval_id"), "report": report_file,
             "base_loss": base.get("loss"), "finetuned_loss": finetuned.get("loss"),

@@ -18,6 +18,7 @@ lightning/resume.py, lightning/nemo_logger.py, lightning/pytorch/callbacks/model
 from __future__ import annotations
 
 import argparse
+import datetime
 import json
 import os
 import re
@@ -95,6 +96,13 @@ def build_recipe(run: dict[str, Any]):
     strategy.pipeline_dtype = torch.bfloat16
     for key, value in pipeline_split(model_spec["layers"], par["pp"]).items():
         setattr(strategy, key, value)
+    # A collective that hangs (a rank stuck or gone) fails its rank after this long instead of hanging the run:
+    # MegatronStrategy passes ``timeout`` through **kwargs to Lightning's DDPStrategy, which gives it to
+    # init_process_group; with TORCH_NCCL_ASYNC_ERROR_HANDLING=1 the NCCL watchdog then ends the process and
+    # torchrun restarts the ranks. The pod sets it from faultTolerance.ncclTimeoutSeconds.
+    nccl_timeout = os.environ.get(layout.NCCL_TIMEOUT_ENV)
+    if nccl_timeout:
+        strategy.timeout = datetime.timedelta(seconds=int(nccl_timeout))
     if par["recompute"] == "full":
         # recompute every layer's activations in the backward pass (uniform, one layer per checkpoint)
         recipe.model.config.recompute_granularity = "full"

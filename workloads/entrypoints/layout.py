@@ -37,6 +37,7 @@ PREPARED_MARKER = "PREPARED"
 TRAINING_MARKER = "TRAINING_COMPLETE"
 EVALUATION_MARKER = "EVALUATION_COMPLETE"
 CONVERSION_MARKER = "CONVERSION_COMPLETE"
+NCCL_TIMEOUT_ENV = "NEMO_EKS_NCCL_TIMEOUT_SECONDS"  # set in the training containers; finetune.py reads it
 RUN_SCHEMA = 1  # workloads.runconfig.SCHEMA_VERSION; the pods cannot import it, a test keeps the two equal
 
 
@@ -149,8 +150,8 @@ def read_marker(path: str | os.PathLike) -> dict[str, Any] | None:
 
 def failure_marker(marker: str | os.PathLike) -> str:
     """Where a stage records an error that a retry cannot fix (bad data, a config the image rejects), next to the
-    marker it would have written; the next stage's waiter (``wait_for.py --failure-marker``) fails fast on it
-    instead of waiting out its timeout. A stage removes its own failure marker when it starts again."""
+    marker it would have written; the gatekeeper (gatekeeper.py) then fails or holds the next stage's gated pods
+    with its message instead of leaving them waiting. A stage removes its own failure marker when it starts again."""
     return f"{os.fspath(marker)}.failed"
 
 
