@@ -11,6 +11,7 @@ from workloads.observability import TRAINING_METRICS_PORT
 from workloads.entrypoints.layout import ENTRYPOINTS_DIR, RUN_CONFIG_FILE
 
 MASTER_PORT = 23456  # the training operator's default; its Service for the master exposes it by this name
+SAFE_TO_EVICT = "cluster-autoscaler.kubernetes.io/safe-to-evict"
 BACKOFF_LIMIT = 3  # pod restarts (OnFailure) resume from the last checkpoint; after that the job fails
 
 
@@ -68,7 +69,10 @@ def _pod_template(spec: TrainingSpec, role: str) -> dict[str, Any]:
         "securityContext": pods.container_security(),
     }
     return {
-        "metadata": {"labels": pods.labels("training", **{"nemo-eks/run-id": spec.run_id})},
+        "metadata": {"labels": pods.labels("training", **{"nemo-eks/run-id": spec.run_id}),
+                     # Never evicted to consolidate nodes: one rank's eviction restarts every rank from the last
+                     # checkpoint (Cluster Autoscaler utils/drain/drain.go PodSafeToEvictKey, "false" blocks it).
+                     "annotations": {SAFE_TO_EVICT: "false"}},
         "spec": {
             **pods.gpu_scheduling(spec.node_group),
             "serviceAccountName": spec.service_account,
