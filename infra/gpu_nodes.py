@@ -20,6 +20,11 @@ NODE_GROUP_LABEL = "nemo-eks/node-group"
 NODE_ROLE_LABEL = "nemo-eks/node-role"
 GPU_PRESENT_LABEL = "nvidia.com/gpu.present"  # also what the NVIDIA device plugin chart's default affinity selects
 EFA_PRESENT_LABEL = "vpc.amazonaws.com/efa.present"  # what the EFA device plugin is scheduled on
+# The Cluster Autoscaler's AWS GPU label (cloudprovider/aws/aws_cloud_provider.go GPULabel, cluster-autoscaler-1.34.5).
+# A node carrying it without allocatable GPUs yet counts as not ready (processors/customresources/gpu_processor.go),
+# so the autoscaler waits for the device plugin instead of adding another node for the same pending pod; the value
+# only names the GPU in its metrics.
+ACCELERATOR_LABEL = "k8s.amazonaws.com/accelerator"
 
 # The taints every GPU node carries, in EKS API spelling, with the Kubernetes effect pods must tolerate.
 # nvidia.com/gpu keeps everything that does not ask for GPUs off the most expensive nodes; the FSx taint keeps
@@ -41,7 +46,8 @@ def gpu_tolerations() -> list[dict[str, str]]:
 
 
 def node_labels(group: GpuNodeGroupConfig) -> dict[str, str]:
-    labels = {NODE_ROLE_LABEL: "gpu", NODE_GROUP_LABEL: group.name, GPU_PRESENT_LABEL: "true"}
+    labels = {NODE_ROLE_LABEL: "gpu", NODE_GROUP_LABEL: group.name, GPU_PRESENT_LABEL: "true",
+              ACCELERATOR_LABEL: f"nvidia-{group.instance.gpu_model.lower()}"}
     if group.instance.efa:
         labels[EFA_PRESENT_LABEL] = "true"
     return labels

@@ -55,6 +55,11 @@ def test_every_gpu_type_tells_the_autoscaler_its_efa_interfaces(instance_type):
     assert {t["key"] for t in node_group["taints"]} == {key for key, _, _ in GPU_TAINTS}
 
 
+def test_gpu_nodes_announce_their_gpus_before_the_device_plugin_does():
+    labels = synth_stack("prod").one(NODE_GROUP, "nemo-eks-prod-train-nodes").inputs["labels"]
+    assert labels["k8s.amazonaws.com/accelerator"] == "nvidia-h100"
+
+
 def test_auto_scaling_group_tags_discover_the_group_and_set_its_scale_down_delay():
     s = synth_stack("dev")
     tags = asg_tags(s, "nemo-eks-dev-train")
