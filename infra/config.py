@@ -69,6 +69,13 @@ MONITORING_STACKS = ("kube-prometheus-stack", "existing", "none")
 NAT_MODES = ("single", "perAz")
 FSX_THROUGHPUTS_MB_PER_TIB = (125, 250, 500, 1000)  # PERSISTENT_2 SSD, FSx Lustre guide "Throughput capacity"
 MIN_KUBERNETES_MINOR = 31
+# The newest Cluster Autoscaler release of each Kubernetes minor (release tags cluster-autoscaler-1.NN.P of
+# github.com/kubernetes/autoscaler, as of 2026-07-22; images registry.k8s.io/autoscaling/cluster-autoscaler:v1.NN.P).
+# The autoscaler's minor must match the cluster's: it simulates the scheduler of its own minor, and its README
+# (cluster-autoscaler/README.md, "Releases", at cluster-autoscaler-1.34.5) supports only that pairing; chart 9.59.0's
+# README lists charts 9.38.0+ for 1.31 up to 9.51.0+ for 1.34.
+CLUSTER_AUTOSCALER_RELEASES: Mapping[int, str] = MappingProxyType({
+    31: "v1.31.5", 32: "v1.32.7", 33: "v1.33.6", 34: "v1.34.5", 35: "v1.35.2"})
 
 KEYS: tuple[Key, ...] = (
     Key("aws:region", "string", REQUIRED, "an AWS region name, e.g. us-east-1", "Region of every resource (the AWS provider's own key)."),
@@ -94,11 +101,12 @@ KEYS: tuple[Key, ...] = (
     Key("gpuNodeGroups[].instanceType", "string", REQUIRED, ", ".join(catalog.GPU_INSTANCE_TYPES), "GPU instance type."),
     Key("gpuNodeGroups[].availabilityZone", "string", Derived("first zone"), "one of the network's zones", "The group's one zone (EFA and the cluster placement group need one zone)."),
     Key("gpuNodeGroups[].minSize", "integer", 0, ">= 0", "Smallest size; 0 lets the group cost nothing while idle."),
-    Key("gpuNodeGroups[].desiredSize", "integer", 0, "minSize..maxSize; 0, or at least the nodes its stages need", "Size of the group now: 0 while idle, the planned nodes to run the pipeline."),
+    Key("gpuNodeGroups[].desiredSize", "integer", 0, "minSize..maxSize; 0, or at least the nodes its stages need", "Size of the group when it is created. With autoscaling on, the Cluster Autoscaler owns the size afterwards and Pulumi ignores changes to it; with autoscaling.enabled false, the size of the group now (0 while idle)."),
     Key("gpuNodeGroups[].maxSize", "integer", Derived("from the sizing plan"), ">= what the stages on the group need, planned", "Largest size. Default: the training nodes plus the serving nodes the plan puts on the group, so a new run never waits for the serving node."),
     Key("gpuNodeGroups[].capacityType", "string", "ON_DEMAND", ", ".join(CAPACITY_TYPES), "How the instances are bought."),
     Key("gpuNodeGroups[].capacityReservationId", "string", None, "cr-…; required for CAPACITY_BLOCK, optional for ON_DEMAND, not for SPOT", "Capacity Block or On-Demand Capacity Reservation to launch into (no placement group is then created)."),
     Key("gpuNodeGroups[].rootVolumeGib", "integer", 200, "50..16384", "Root EBS volume (gp3, encrypted); images and pod data use the RAID0 of the instance-store NVMe."),
+    Key("gpuNodeGroups[].scaleDownAfterMinutes", "integer", Derived("5; 15 for prod stacks"), "1..1440", "How long a node of the group may run nothing but DaemonSets before the Cluster Autoscaler removes it."),
     Key("gpuNodeGroups[].amiReleaseVersion", "string", None, "an EKS AL2023 NVIDIA AMI release, e.g. 1.34.1-20251120", "Pin the node AMI release; unset follows the latest for the Kubernetes version."),
     Key("storage.fsxStorageCapacityGib", "integer", Derived("from the sizing plan"), "1200, 2400, then multiples of 2400; at least the plan's need", "FSx for Lustre PERSISTENT_2 capacity (dataset, base model, kept checkpoints, exports)."),
     Key("storage.fsxThroughputPerTib", "integer", Derived("from the sizing plan"), ", ".join(map(str, FSX_THROUGHPUTS_MB_PER_TIB)), "FSx throughput per TiB of capacity (MB/s/TiB); the plan sizes it to write a checkpoint in about ten minutes."),
@@ -158,7 +166,11 @@ KEYS: tuple[Key, ...] = (
     Key("monitoring.throughputDropFraction", "number", 0.3, "0.05..0.95", "Alert when training throughput falls this fraction below its 6-hour average."),
     Key("monitoring.lossWindowMinutes", "integer", 60, "15..1440", "Alert when the training loss has not fallen over this window."),
     Key("monitoring.tritonQueueTimeMs", "integer", 500, "1..600000", "Alert when Triton's average queue time per request exceeds this."),
+    Key("monitoring.pendingGpuPodMinutes", "integer", 15, "1..1440", "Alert when a pod that asks for GPUs has waited this long for a node (no capacity, a quota, a Capacity Block not active yet)."),
     Key("monitoring.tritonFailureRatio", "number", 0.01, "0..1", "Alert when this share of Triton requests fail."),
+    Key("autoscaling.enabled", "boolean", True, "true, false", "Run the Kubernetes Cluster Autoscaler on the system nodes: GPU groups grow from 0 for pending pods and shrink when idle. false: each group keeps its desiredSize, for clusters whose capacity is fixed."),
+    Key("autoscaling.chartVersion", "string", "9.59.0", "a chart version of cluster-autoscaler (https://kubernetes.github.io/autoscaler)", "cluster-autoscaler Helm chart version."),
+    Key("autoscaling.imageTag", "string", Derived("the newest release of the cluster's minor, e.g. v1.34.5 for 1.34"), "v1.<the kubernetesVersion minor>.<patch>", "Cluster Autoscaler image tag (registry.k8s.io/autoscaling/cluster-autoscaler); its minor must be the cluster's."),
     Key("addons.nvidiaDevicePluginVersion", "string", "0.20.0", "a chart version of nvidia-device-plugin", "NVIDIA device plugin Helm chart version."),
     Key("addons.efaDevicePluginVersion", "string", "v0.5.31", "a chart version of aws-efa-k8s-device-plugin", "AWS EFA device plugin Helm chart version."),
     Key("addons.podIdentityAgentVersion", "string", None, "an EKS add-on version", "eks-pod-identity-agent add-on version; unset takes EKS's default for the cluster version."),
@@ -214,6 +226,7 @@ class GpuNodeGroupConfig:
     capacity_reservation_id: str | None
     root_volume_gib: int
     ami_release_version: str | None
+    scale_down_after_minutes: int = 5
 
     @property
     def instance(self) -> catalog.InstanceType:
@@ -249,6 +262,15 @@ class AddonsConfig:
 
 
 @dataclass(frozen=True)
+class AutoscalingConfig:
+    """The Cluster Autoscaler: off keeps every GPU group at its declared desiredSize."""
+
+    enabled: bool
+    chart_version: str
+    image_tag: str
+
+
+@dataclass(frozen=True)
 class EvaluationConfig:
     enabled: bool
     min_loss_improvement_percent: float
@@ -270,6 +292,7 @@ class MonitoringConfig:
     loss_window_minutes: int
     triton_queue_time_ms: int
     triton_failure_ratio: float
+    pending_gpu_pod_minutes: int = 15
 
     @property
     def enabled(self) -> bool:
@@ -328,6 +351,7 @@ class StackConfig:
     training_node_group: str
     serving_node_group: str
     pipeline: PipelineConfig
+    autoscaling: AutoscalingConfig = AutoscalingConfig(False, "", "")
 
     @property
     def prefix(self) -> str:
@@ -565,13 +589,14 @@ def load(raw: Mapping[str, Any], stack: str, project: str = PROJECT, secret_keys
     network = _load_network(_section(root, "network"), region)
     cluster = _load_cluster(_section(root, "cluster"), version)
     system_nodes = _load_system_nodes(_section(root, "systemNodes"))
-    drafts = _load_gpu_node_groups(root, network)
+    drafts = _load_gpu_node_groups(root, network, stack)
     workload = _load_model_and_plan(root, drafts)
     plan = workload.plan
     groups = _size_gpu_node_groups(drafts, workload)
     storage = _load_storage(_section(root, "storage"), network, groups, stack, plan)
     pipeline = _load_pipeline(root, workload, secret_keys)
     addons = _load_addons(_section(root, "addons"))
+    autoscaling = _load_autoscaling(_section(root, "autoscaling"), version)
     tags = root.get("tags")
     root.finish()
     return StackConfig(
@@ -580,6 +605,7 @@ def load(raw: Mapping[str, Any], stack: str, project: str = PROJECT, secret_keys
         network=network, cluster=cluster, system_nodes=system_nodes, gpu_node_groups=groups,
         storage=storage, addons=addons, sizing=plan, hf_model_id=workload.hf_model_id,
         training_node_group=workload.training_group, serving_node_group=workload.serving_group, pipeline=pipeline,
+        autoscaling=autoscaling,
     )
 
 
@@ -662,7 +688,7 @@ class _GroupDraft:
     max_size_set: bool
 
 
-def _load_gpu_node_groups(root: _Section, network: NetworkConfig) -> list[_GroupDraft]:
+def _load_gpu_node_groups(root: _Section, network: NetworkConfig, stack: str) -> list[_GroupDraft]:
     entries = root.get("gpuNodeGroups")
     drafts: list[_GroupDraft] = []
     for index, entry in enumerate(entries):
@@ -688,9 +714,11 @@ def _load_gpu_node_groups(root: _Section, network: NetworkConfig) -> list[_Group
         root_volume = s.get("rootVolumeGib")
         _check(50 <= root_volume <= 16384, s.where("rootVolumeGib"), root_volume, "50..16384")
         release = s.get("amiReleaseVersion")
+        scale_down = s.get("scaleDownAfterMinutes", 15 if is_prod_stack(stack) else 5)
+        _check(1 <= scale_down <= 1440, s.where("scaleDownAfterMinutes"), scale_down, "1..1440")
         s.finish()
         drafts.append(_GroupDraft(s, GpuNodeGroupConfig(name, instance_type, zone, *sizes, capacity_type, reservation,
-                                                        root_volume, release), max_size is not None))
+                                                        root_volume, release, scale_down), max_size is not None))
     return drafts
 
 
@@ -957,10 +985,12 @@ def _load_monitoring(s: _Section) -> MonitoringConfig:
     _check(15 <= window <= 1440, s.where("lossWindowMinutes"), window, "15..1440")
     _check(1 <= queue <= 600000, s.where("tritonQueueTimeMs"), queue, "1..600000")
     _check(0 <= failures <= 1, s.where("tritonFailureRatio"), failures, "0..1")
+    pending = s.get("pendingGpuPodMinutes")
+    _check(1 <= pending <= 1440, s.where("pendingGpuPodMinutes"), pending, "1..1440")
     s.finish()
     return MonitoringConfig(stack, url or INSTALLED_PROMETHEUS_URL, versions["kubePrometheusStackVersion"],
                             versions["dcgmExporterVersion"], versions["prometheusAdapterVersion"], float(drop),
-                            window, queue, float(failures))
+                            window, queue, float(failures), pending)
 
 
 def _load_evaluation(s: _Section) -> EvaluationConfig:
@@ -997,6 +1027,26 @@ def _load_addons(s: _Section) -> AddonsConfig:
     s.finish()
     return AddonsConfig(versions["nvidiaDevicePluginVersion"], versions["efaDevicePluginVersion"],
                         versions["podIdentityAgentVersion"], versions["fsxCsiDriverVersion"])
+
+
+def _load_autoscaling(s: _Section, kubernetes_version: str) -> AutoscalingConfig:
+    enabled, chart = s.get("enabled"), s.get("chartVersion")
+    _check(bool(re.fullmatch(r"\d+\.\d+\.\d+", chart)), s.where("chartVersion"), chart,
+           "a pinned chart version such as 9.59.0 (no ranges, no 'latest')")
+    minor = int(kubernetes_version.split(".")[1])
+    known = CLUSTER_AUTOSCALER_RELEASES.get(minor)
+    tag = s.get("imageTag", known)
+    if tag is None:
+        raise ConfigError(s.where("imageTag"), None, f"a Cluster Autoscaler release v1.{minor}.<patch>",
+                          f"No release of the autoscaler for Kubernetes 1.{minor} is known here: set it "
+                          f"(github.com/kubernetes/autoscaler/releases lists them)")
+    match = re.fullmatch(r"v1\.(\d+)\.\d+", tag)
+    _check(bool(match), s.where("imageTag"), tag, f"a release tag v1.{minor}.<patch>")
+    _check(int(match.group(1)) == minor, s.where("imageTag"), tag,
+           f"v1.{minor}.<patch>: the autoscaler's minor must be the cluster's (kubernetesVersion {kubernetes_version})",
+           f"The newest known is {known}" if known else "")
+    s.finish()
+    return AutoscalingConfig(enabled, chart, tag)
 
 
 # --------------------------------------------------------------------------------------------------

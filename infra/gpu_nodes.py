@@ -7,7 +7,7 @@ and policies) and cannot combine EFA with a capacity reservation or a Capacity B
 from __future__ import annotations
 
 import base64
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Mapping, Sequence
 
 import pulumi
@@ -20,13 +20,19 @@ NODE_GROUP_LABEL = "nemo-eks/node-group"
 NODE_ROLE_LABEL = "nemo-eks/node-role"
 GPU_PRESENT_LABEL = "nvidia.com/gpu.present"  # also what the NVIDIA device plugin chart's default affinity selects
 EFA_PRESENT_LABEL = "vpc.amazonaws.com/efa.present"  # what the EFA device plugin is scheduled on
+# The Cluster Autoscaler's AWS GPU label (cloudprovider/aws/aws_cloud_provider.go GPULabel, cluster-autoscaler-1.34.5).
+# A node carrying it without allocatable GPUs yet counts as not ready (processors/customresources/gpu_processor.go),
+# so the autoscaler waits for the device plugin instead of adding another node for the same pending pod; the value
+# only names the GPU in its metrics.
+ACCELERATOR_LABEL = "k8s.amazonaws.com/accelerator"
 
 # The taints every GPU node carries, in EKS API spelling, with the Kubernetes effect pods must tolerate.
 # nvidia.com/gpu keeps everything that does not ask for GPUs off the most expensive nodes; the FSx taint keeps
 # pods off a new node until the FSx CSI node agent is ready to mount Lustre (the agent removes it).
+FSX_AGENT_TAINT = "fsx.csi.aws.com/agent-not-ready"  # a start-up taint: node autoscalers must be told (infra/autoscaler.py)
 GPU_TAINTS: tuple[tuple[str, str | None, str], ...] = (
     ("nvidia.com/gpu", "true", "NO_SCHEDULE"),
-    ("fsx.csi.aws.com/agent-not-ready", None, "NO_EXECUTE"),
+    (FSX_AGENT_TAINT, None, "NO_EXECUTE"),
 )
 _K8S_EFFECT = {"NO_SCHEDULE": "NoSchedule", "NO_EXECUTE": "NoExecute", "PREFER_NO_SCHEDULE": "PreferNoSchedule"}
 
@@ -40,7 +46,8 @@ def gpu_tolerations() -> list[dict[str, str]]:
 
 
 def node_labels(group: GpuNodeGroupConfig) -> dict[str, str]:
-    labels = {NODE_ROLE_LABEL: "gpu", NODE_GROUP_LABEL: group.name, GPU_PRESENT_LABEL: "true"}
+    labels = {NODE_ROLE_LABEL: "gpu", NODE_GROUP_LABEL: group.name, GPU_PRESENT_LABEL: "true",
+              ACCELERATOR_LABEL: f"nvidia-{group.instance.gpu_model.lower()}"}
     if group.instance.efa:
         labels[EFA_PRESENT_LABEL] = "true"
     return labels
@@ -110,6 +117,12 @@ class GpuNodeGroupArgs:
     subnet_id: pulumi.Input[str]  # the private subnet of the group's zone
     tags: Mapping[str, str]
     depends_on: Sequence[pulumi.Resource] = ()
+    # With a node autoscaler, the desired size is Pulumi's only at creation; the tags tell the autoscaler what a
+    # node of the group offers while the group is at 0 (node group: read through eks:DescribeNodegroup; Auto
+    # Scaling group: read from the group itself, which EKS does not copy node-group tags to).
+    autoscaled: bool = False
+    node_group_tags: Mapping[str, str] = field(default_factory=dict)
+    autoscaling_group_tags: Mapping[str, str] = field(default_factory=dict)
 
 
 class GpuNodeGroup(pulumi.ComponentResource):
@@ -184,7 +197,26 @@ class GpuNodeGroup(pulumi.ComponentResource):
             labels=node_labels(group),
             taints=[{"key": k, "value": v, "effect": e} if v else {"key": k, "effect": e} for k, v, e in GPU_TAINTS],
             update_config={"max_unavailable": 1},
-            tags={**tags, NODE_GROUP_LABEL: group.name},
-            opts=pulumi.ResourceOptions(parent=self, depends_on=list(args.depends_on)))
+            tags={**tags, NODE_GROUP_LABEL: group.name, **args.node_group_tags},
+            opts=pulumi.ResourceOptions(
+                parent=self, depends_on=list(args.depends_on),
+                # The autoscaler owns the size once the group exists: without this every `pulumi up` would set it
+                # back to the stack file's and terminate the nodes of a running job. The engine property path is
+                # the one pulumi_aws's NodeGroup docstring gives (eks/node_group.py, "ignore_changes=
+                # ["scalingConfig.desiredSize"]"); the Python SDK passes it through untranslated.
+                ignore_changes=["scalingConfig.desiredSize"] if args.autoscaled else None))
+        # EKS creates one Auto Scaling group per managed node group (its name is in resources[0].autoscalingGroups)
+        # and does not copy node-group tags to it (AWS::EKS::Nodegroup Tags: "Node group tags do not propagate to
+        # any other resources associated with the node group").
+        self.autoscaling_group_name = self.node_group.resources.apply(lambda r: r[0].autoscaling_groups[0].name)
+        for key, value in sorted(args.autoscaling_group_tags.items()):
+            aws.autoscaling.Tag(f"{name}-asg-{_tag_slug(key)}", autoscaling_group_name=self.autoscaling_group_name,
+                                # Only for the autoscaler: instances get the launch template's tags.
+                                tag={"key": key, "value": value, "propagate_at_launch": False}, opts=child)
         self.register_outputs({"nodeGroupName": self.node_group.node_group_name,
                                "launchTemplateId": self.launch_template.id})
+
+
+def _tag_slug(key: str) -> str:
+    """A resource-name part for an Auto Scaling group tag: its last path segment, which is unique among ours."""
+    return key.rstrip("/").rsplit("/", 1)[-1].replace(".", "-")

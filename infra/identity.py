@@ -91,3 +91,57 @@ class WorkloadIdentity(pulumi.ComponentResource):
                                          description="Pod Identity role of the FSx CSI controller", opts=child)
         aws.iam.RolePolicy(f"{name}-fsx-csi-policy", role=self.fsx_csi_role.id, policy=fsx_csi_policy(), opts=child)
         self.register_outputs({f"{k}RoleArn": r.arn for k, r in self.roles.items()})
+
+
+# --------------------------------------------------------------------------------------------------
+# The Cluster Autoscaler's role
+
+CLUSTER_AUTOSCALER_SERVICE_ACCOUNT = ("kube-system", "cluster-autoscaler")
+# Every call the autoscaler's AWS provider makes for our groups (github.com/kubernetes/autoscaler, tag
+# cluster-autoscaler-1.34.5, cluster-autoscaler/cloudprovider/aws/): discovery by tag filters (aws_wrapper.go
+# getAutoscalingGroupsByTags), failed launches that put a group in back-off (auto_scaling_groups.go
+# isNodeGroupAvailable), the instance-type list at start-up (aws_util.go GenerateEC2InstanceTypes), the launch
+# template's instance type (aws_wrapper.go getLaunchTemplateData) and a managed group's labels, taints and tags at 0
+# nodes (aws_wrapper.go getManagedNodegroupInfo). Left out from the README's "full features" policy:
+# DescribeLaunchConfigurations (launch configurations; managed groups use launch templates), DescribeImages and
+# GetInstanceTypesFromInstanceRequirements (attribute-based instance types), which our groups never use.
+CLUSTER_AUTOSCALER_DESCRIBE_ACTIONS = (
+    "autoscaling:DescribeAutoScalingGroups",
+    "autoscaling:DescribeScalingActivities",
+    "ec2:DescribeInstanceTypes",
+    "ec2:DescribeLaunchTemplateVersions",
+    "eks:DescribeNodegroup",
+)
+CLUSTER_AUTOSCALER_SCALE_ACTIONS = ("autoscaling:SetDesiredCapacity", "autoscaling:TerminateInstanceInAutoScalingGroup")
+
+
+def cluster_autoscaler_policy(cluster_tag: tuple[str, str], group_tag_key: str) -> str:
+    """Describe calls on anything (they change nothing and take no resource ARN we could know before deploy);
+    changing a group's size only where the Auto Scaling group carries this cluster's autoscaler tag
+    (``cluster_tag``: key, value) and the GPU-group tag ``group_tag_key`` with any value, both put there by
+    infra/autoscaler.py. Condition key autoscaling:ResourceTag/<key> (Amazon EC2 Auto Scaling User Guide, "Tags for
+    security": https://docs.aws.amazon.com/autoscaling/ec2/userguide/tag-security.html); a condition on a key the
+    resource lacks is false (IAM User Guide, "Condition operators")."""
+    key, value = cluster_tag
+    return json.dumps({"Version": "2012-10-17", "Statement": [
+        {"Sid": "Describe", "Effect": "Allow", "Action": list(CLUSTER_AUTOSCALER_DESCRIBE_ACTIONS), "Resource": "*"},
+        {"Sid": "ScaleThisClustersGpuGroups", "Effect": "Allow", "Action": list(CLUSTER_AUTOSCALER_SCALE_ACTIONS),
+         "Resource": "*", "Condition": {"StringEquals": {f"autoscaling:ResourceTag/{key}": value},
+                                        "StringLike": {f"autoscaling:ResourceTag/{group_tag_key}": "*"}}},
+    ]})
+
+
+def cluster_autoscaler_identity(name: str, cluster: pulumi.Input[str], cluster_tag: tuple[str, str],
+                                group_tag_key: str, tags: Mapping[str, str], parent: pulumi.Resource) -> tuple[aws.iam.Role, aws.eks.PodIdentityAssociation]:
+    """The autoscaler's own Pod Identity role and its association with the chart's service account. The image's
+    AWS SDK (aws-sdk-go 1.48.7, vendored in cloudprovider/aws/aws-sdk-go at cluster-autoscaler-1.34.5) reads the
+    Pod Identity agent's credentials (AWS_CONTAINER_AUTHORIZATION_TOKEN_FILE, aws/defaults/defaults.go)."""
+    child = pulumi.ResourceOptions(parent=parent)
+    namespace, service_account = CLUSTER_AUTOSCALER_SERVICE_ACCOUNT
+    role = aws.iam.Role(f"{name}-role", assume_role_policy=assume_role_policy(POD_IDENTITY_PRINCIPAL, POD_IDENTITY_ACTIONS),
+                        description=f"Pod Identity role of {namespace}/{service_account}", tags=dict(tags), opts=child)
+    aws.iam.RolePolicy(f"{name}-policy", role=role.id, policy=cluster_autoscaler_policy(cluster_tag, group_tag_key), opts=child)
+    association = aws.eks.PodIdentityAssociation(
+        f"{name}-association", cluster_name=cluster, namespace=namespace, service_account=service_account,
+        role_arn=role.arn, tags=dict(tags), opts=child)
+    return role, association

@@ -7,6 +7,7 @@ from typing import Any
 
 import pulumi
 
+from infra import autoscaler
 from infra.addons import FSX_CLAIM_NAME, Addons, AddonsArgs
 from infra.cluster import Cluster, ClusterArgs
 from infra.config import StackConfig
@@ -26,13 +27,17 @@ def build(cfg: StackConfig) -> dict[str, Any]:
         private_subnet_ids=list(network.private_subnet_ids.values()),
         public_subnet_ids=list(network.public_subnet_ids.values()), tags=tags))
 
+    autoscaled = cfg.autoscaling.enabled
     gpu_groups = [
         GpuNodeGroup(f"{prefix}-{group.name}", GpuNodeGroupArgs(
             group, prefix, cluster_name=cluster.name, cluster_security_group_id=cluster.node_security_group_id,
             node_role_arn=cluster.node_role_arn, vpc_id=network.vpc_id,
             subnet_id=network.private_subnet_ids[group.availability_zone], tags=tags,
             # A node must find the CNI and kube-proxy (children of the cluster) and the node role's policies.
-            depends_on=[cluster]))
+            depends_on=[cluster],
+            autoscaled=autoscaled,
+            node_group_tags=autoscaler.node_group_tags(group) if autoscaled else {},
+            autoscaling_group_tags=autoscaler.autoscaling_group_tags(group, prefix) if autoscaled else {}))
         for group in cfg.gpu_node_groups
     ]
 
@@ -55,6 +60,16 @@ def build(cfg: StackConfig) -> dict[str, Any]:
             cfg.pipeline.monitoring, provider=cluster.provider, system_nodes=cluster.system_nodes,
             device_plugins=addons.device_plugins))
         monitoring_ready = monitoring.crds_ready
+
+    if autoscaled:
+        autoscaler.ClusterAutoscaler(f"{prefix}-autoscaler", autoscaler.ClusterAutoscalerArgs(
+            cfg.autoscaling, cfg.gpu_node_groups, cluster_name=prefix, cluster=cluster.name, region=cfg.region,
+            autoscaling_group_names={g.name: c.autoscaling_group_name for g, c in zip(cfg.gpu_node_groups, gpu_groups)},
+            provider=cluster.provider, system_nodes=cluster.system_nodes,
+            service_monitor=cfg.pipeline.monitoring.enabled, tags=tags,
+            # Credentials come through the Pod Identity agent (an add-on); the chart's ServiceMonitor needs the
+            # prometheus-operator CRDs when this stack installs them.
+            depends_on=[addons, *monitoring_ready]))
 
     outputs: dict[str, Any] = {}
     if cfg.pipeline.enabled:

@@ -1160,6 +1160,97 @@ triton_gpus = _stack_policy(
 
 
 # ----------------------------------------------------------------------------------------------------------
+# 10. Every EFA node group tells the Cluster Autoscaler its EFA interfaces
+
+CLUSTER_AUTOSCALER_CHART = "cluster-autoscaler"
+# Read through eks:DescribeNodegroup while a managed group is at 0 nodes; without it the autoscaler's template node
+# offers no vpc.amazonaws.com/efa and no training pod fits it (kubernetes/autoscaler, cluster-autoscaler-1.34.5,
+# cloudprovider/aws/aws_manager.go buildNodeFromTemplate).
+EFA_TEMPLATE_TAG = "k8s.io/cluster-autoscaler/node-template/resources/" + EFA_RESOURCE
+
+
+def _has_cluster_autoscaler(stack: StackView) -> bool:
+    return any(get(r.props, "chart") == CLUSTER_AUTOSCALER_CHART for r in stack.of_type(HELM_RELEASE, HELM_CHART_V4))
+
+
+def check_efa_node_template_tags(stack: StackView) -> tuple[list[tuple[str, str | None]], list[str]]:
+    violations: list[tuple[str, str | None]] = []
+    skipped: list[str] = []
+    if not _has_cluster_autoscaler(stack):
+        return violations, skipped  # sizes are fixed: nothing reads the tag
+    for group in stack.of_type(NODE_GROUP):
+        templates, unknown = stack.refs(group, "launchTemplate", (LAUNCH_TEMPLATE,), ("id", "name"))
+        if unknown and not templates:
+            skipped.append(f"{group.name}: launch template not known yet")
+            continue
+        types = [get(nic, "interfaceType") for t in templates for nic in _as_list(get(t.props, "networkInterfaces"))]
+        if any(v is UNKNOWN for v in types) or any(get(t.props, "networkInterfaces") is UNKNOWN for t in templates):
+            skipped.append(f"{group.name}: network interfaces not known yet")
+            continue
+        if not any(v in EFA_TYPES for v in types):
+            continue
+        instance_types, types_unknown = node_group_instance_types(stack, group)
+        value = get(group.props, "tags", EFA_TEMPLATE_TAG)
+        if types_unknown or value is UNKNOWN:
+            skipped.append(f"{group.name}: instance type or tags not known yet")
+            continue
+        for instance_type in instance_types:
+            facts = catalog.INSTANCE_TYPES.get(instance_type)
+            if facts is None:
+                violations.append((f"EFA node group {group.name} runs {instance_type!r}, which is not in "
+                                   f"infra/catalog.py", group.urn))
+            elif value is None:
+                violations.append((
+                    f"EFA node group {group.name} ({instance_type}, {facts.efa_interfaces} EFA interfaces) has no tag "
+                    f"{EFA_TEMPLATE_TAG}: at 0 nodes the Cluster Autoscaler cannot know its nodes offer "
+                    f"{EFA_RESOURCE} and never adds one for a training pod", group.urn))
+            elif as_int(value) != facts.efa_interfaces:
+                violations.append((f"EFA node group {group.name} tags {EFA_TEMPLATE_TAG}={value}, but {instance_type} "
+                                   f"has {facts.efa_interfaces} EFA interfaces (infra/catalog.py)", group.urn))
+    return violations, skipped
+
+
+efa_node_template = _stack_policy(
+    "efa-node-group-tells-autoscaler-its-interfaces",
+    f"With the Cluster Autoscaler in the stack, every node group whose launch template has EFA interfaces carries the "
+    f"tag {EFA_TEMPLATE_TAG} with its instance type's EFA interface count (infra/catalog.py).",
+    check_efa_node_template_tags,
+    "Tag the node group with infra/autoscaler.py node_group_tags(group), which reads the count from the catalog.")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# 11. Training pods are never evicted to consolidate nodes
+
+SAFE_TO_EVICT = "cluster-autoscaler.kubernetes.io/safe-to-evict"  # "false" blocks the autoscaler's drain
+
+
+def check_training_not_evictable(resource_type: str, props: dict) -> list[str] | None:
+    templates = [t for t in pod_templates(resource_type, props) or [] if "ReplicaSpecs." in t.where]
+    if not templates:
+        return None  # not a Kubeflow training job
+    messages = []
+    for template in templates:
+        if template.unknown and not template.metadata:
+            raise _Skip(f"{template.where}: pod template")
+        value = get(template.metadata, "annotations", SAFE_TO_EVICT)
+        if value is UNKNOWN:
+            raise _Skip(f"{template.where}: annotations")
+        if value != "false":
+            shown = "is not set" if value is None else f"is {value!r}"
+            messages.append(f"training pod template {template.where}: annotation {SAFE_TO_EVICT} {shown}; it must be "
+                            f"\"false\", or the Cluster Autoscaler may evict one rank to consolidate nodes and every "
+                            f"rank restarts from the last checkpoint")
+    return messages
+
+
+training_not_evictable = _resource_policy(
+    "training-pods-not-evictable",
+    f"Every pod template of a Kubeflow training job carries the annotation {SAFE_TO_EVICT}: \"false\".",
+    check_training_not_evictable,
+    "Build the job with workloads/training.py, which annotates every replica's pod template.")
+
+
+# ----------------------------------------------------------------------------------------------------------
 
 POLICIES: list = [
     efa_launch_template,
@@ -1171,4 +1262,6 @@ POLICIES: list = [
     dev_shm,
     efa_requests,
     triton_gpus,
+    efa_node_template,
+    training_not_evictable,
 ]

@@ -23,7 +23,11 @@ DCGM_METRICS = {"DCGM_FI_DEV_GPU_UTIL", "DCGM_FI_DEV_FB_USED", "DCGM_FI_DEV_FB_F
 # Triton's metrics (server docs/user_guide/metrics.md).
 TRITON_METRICS = {"nv_inference_request_success", "nv_inference_request_failure", "nv_inference_queue_duration_us"}
 # kube-state-metrics, shipped by kube-prometheus-stack.
-KUBE_STATE_METRICS = {"kube_pod_container_status_restarts_total", "kube_pod_status_phase"}
+KUBE_STATE_METRICS = {"kube_pod_container_status_restarts_total", "kube_pod_status_phase", "kube_pod_status_unschedulable",
+                      "kube_pod_container_resource_requests", "kube_pod_status_reason"}
+# Cluster Autoscaler (cluster-autoscaler/metrics/metrics.go at cluster-autoscaler-1.34.5).
+CLUSTER_AUTOSCALER_METRICS = {"cluster_autoscaler_failed_scale_ups_total", "cluster_autoscaler_node_group_target_count",
+                              "cluster_autoscaler_node_group_backoff_status"}
 
 
 def crd_schema(file: str) -> dict:
@@ -81,7 +85,7 @@ def test_every_expression_parses_and_uses_real_metrics():
     expressions = [rule["expr"] for group in manifest(s, "PrometheusRule")["spec"]["groups"] for rule in group["rules"]]
     board = json.loads(next(m for m in s.manifests() if m["metadata"]["name"] == "nemo-eks-dashboard")["data"]["nemo-eks-pipeline.json"])
     expressions += [target["expr"] for panel in board["panels"] for target in panel["targets"]]
-    known = DCGM_METRICS | TRITON_METRICS | KUBE_STATE_METRICS | our_metrics()
+    known = DCGM_METRICS | TRITON_METRICS | KUBE_STATE_METRICS | CLUSTER_AUTOSCALER_METRICS | our_metrics()
     used: set[str] = set()
     for expr in expressions:
         used |= metric_names(expr)
@@ -102,7 +106,7 @@ def test_alerts_cover_the_issue_list_and_have_runbooks():
     assert set(rules) == {"NemoGpuUtilizationLow", "NemoGpuMemoryHigh", "NemoTrainingLossNotFalling",
                           "NemoValidationLossDiverging", "NemoThroughputDropped", "NemoTrainingPodRestarting",
                           "NemoTritonRequestFailures", "NemoTritonQueueTimeHigh", "NemoTrainingFailed",
-                          "NemoPipelineStageFailed"}
+                          "NemoPipelineStageFailed", "NemoGpuPodPending"}
     assert rules["NemoGpuUtilizationLow"]["for"] == "15m" and "< 80" in rules["NemoGpuUtilizationLow"]["expr"]
     assert "> 0.95" in rules["NemoGpuMemoryHigh"]["expr"]
     runbook = (synth.ROOT / "docs" / "runbook.md").read_text()

@@ -205,7 +205,7 @@ def block_config(capacity_type="CAPACITY_BLOCK", max_size=4):
 
 def judge(entry, cfg=None, hours=None):
     cfg = cfg or block_config()
-    return preflight.judge_reservation(0, cfg.gpu_node_groups[0], entry, NOW, hours)
+    return preflight.judge_reservation(0, cfg.gpu_node_groups[0], entry, NOW, hours, cfg.autoscaling.enabled)
 
 
 def test_a_matching_active_capacity_block_passes():
@@ -240,7 +240,10 @@ def test_a_capacity_block_not_started_yet_warns_with_its_start_date(state):
                               EndDate=datetime(2026, 12, 8, 11, 30, tzinfo=timezone.utc)))
     assert check.status == WARN
     assert f"{state}," in check.detail and "it starts 2026-12-01 11:30 UTC" in check.detail
-    assert "keep nemo-eks:gpuNodeGroups[0].desiredSize at 0" in check.fix
+    assert "the Cluster Autoscaler adds them once it is active" in check.fix
+    without_autoscaler = preflight.judge_reservation(0, block_config().gpu_node_groups[0], reservation(State=state),
+                                                     NOW, None, autoscaled=False)
+    assert "keep nemo-eks:gpuNodeGroups[0].desiredSize at 0" in without_autoscaler.fix
 
 
 def test_an_on_demand_group_in_a_capacity_block_fails():
@@ -259,10 +262,13 @@ def test_instances_already_in_the_reservation_warn():
     assert check.status == WARN and "only 1 of 4 are free now (3 in use by other instances)" in check.detail
 
 
-def test_a_block_shorter_than_the_planned_training_warns():
-    check = judge(reservation(EndDate=NOW + timedelta(hours=10)), hours=30.0)
+def test_a_reservation_shorter_than_the_planned_training_warns():
+    # A Capacity Block's window is judged by check_capacity_block_windows (tests/test_capacity_window.py).
+    entry = reservation(ReservationType="default", EndDate=NOW + timedelta(hours=10))
+    check = judge(entry, cfg=block_config("ON_DEMAND"), hours=30.0)
     assert check.status == WARN
     assert "remaining window (10.0 h) is shorter than the plan's training estimate (30.0 h)" in check.detail
+    assert "remaining window" not in judge(reservation(EndDate=NOW + timedelta(hours=10)), hours=30.0).detail
 
 
 def test_the_reservation_is_described_and_judged():
@@ -317,7 +323,10 @@ def kubernetes(response, version):
     client, stub = stubbed("eks")
     stub.add_response("describe_cluster_versions", response, {})
     with stub:
-        [check] = preflight.check_kubernetes_version(client, stack_config(**{"nemo-eks:kubernetesVersion": version}))
+        # Versions newer than the autoscaler releases the config knows need its image tag named.
+        cfg = stack_config(**{"nemo-eks:kubernetesVersion": version,
+                              "nemo-eks:autoscaling": {"imageTag": f"v{version}.0"}})
+        [check] = preflight.check_kubernetes_version(client, cfg)
     stub.assert_no_pending_responses()
     return check
 
@@ -508,10 +517,11 @@ def test_cli_json(aws, capsys):
     assert preflight.main(["--stack", "prod", "--json"]) == 0
     report = json.loads(capsys.readouterr().out)
     assert report["stack"] == "prod" and report["region"] == "us-east-1" and report["region_source"] == "AWS_REGION"
-    assert report["ok"] is True and report["summary"] == {"PASS": 5, "WARN": 3, "FAIL": 0}
+    assert report["ok"] is True and report["summary"] == {"PASS": 5, "WARN": 4, "FAIL": 0}
     assert set(report["checks"][0]) == {"name", "status", "detail", "fix"}
     statuses = {c["name"]: c["status"] for c in report["checks"]}
     assert statuses["reservation gpuNodeGroups[0] (train)"] == WARN  # moto cannot describe it
+    assert statuses["capacity window gpuNodeGroups[0] (train)"] == WARN  # nor judge its window
     assert statuses["quota Running On-Demand P instances (L-417A185B)"] == PASS  # a Capacity Block group only
     assert statuses["dataset default"] == WARN  # no bucket: not deployed yet
 

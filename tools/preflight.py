@@ -13,6 +13,8 @@ check FAILs, else 0. The checks:
   (L-7212CCBC) the SPOT groups;
 - a group's capacity reservation or Capacity Block exists, is active, and matches its instance type, zone, count
   and capacity type (and, for the training group, lasts as long as the plan's training estimate);
+- a Capacity Block's window covers what runs on its group: the planned training from the later of now and the
+  block's start, and no Triton serving (it would stop at the block's end);
 - EKS supports the stack's Kubernetes version in the region;
 - the dataset the stack trains on (``s3://<datasets bucket>/<data.dataset>/train.jsonl`` and the optional
   ``validation.jsonl``) exists and passes the same validation as ``python -m tools.data validate``.
@@ -33,7 +35,7 @@ import os
 import sys
 import tempfile
 from dataclasses import asdict, dataclass, field
-from datetime import datetime, timezone
+from datetime import datetime, timedelta, timezone
 from typing import Any, Callable, Iterable, Mapping, Sequence
 
 from infra import catalog
@@ -330,7 +332,7 @@ def check_quotas(quotas, cfg) -> list[Check]:
 
 
 def judge_reservation(index: int, group, reservation: Mapping[str, Any], now: datetime,
-                      training_hours: float | None = None) -> Check:
+                      training_hours: float | None = None, autoscaled: bool = False) -> Check:
     """Whether a DescribeCapacityReservations entry can hold this group. Pure: tested on describe results."""
     rid = reservation.get("CapacityReservationId", group.capacity_reservation_id)
     kind = "Capacity Block" if reservation.get("ReservationType") == "capacity-block" else "capacity reservation"
@@ -350,7 +352,9 @@ def judge_reservation(index: int, group, reservation: Mapping[str, Any], now: da
         fails.append((f"it is {state}", f"buy a new one and set {group_key(index, 'capacityReservationId')} to its id"))
     elif state in RESERVATION_WAITING:
         when = f"starts {_when(start)}" if start else "is not active yet"
-        warns.append((f"it {when}", f"no node can launch before then: keep {group_key(index, 'desiredSize')} at 0 "
+        warns.append((f"it {when}", "no node can launch before then; the Cluster Autoscaler adds them once it is "
+                                    "active, and the pipeline's pods wait until then" if autoscaled else
+                                    f"no node can launch before then: keep {group_key(index, 'desiredSize')} at 0 "
                                     f"until it is active, then raise it"))
     elif state not in RESERVATION_READY:
         warns.append((f"unknown state {state!r}", "check it in the EC2 console (Capacity Reservations)"))
@@ -380,7 +384,8 @@ def judge_reservation(index: int, group, reservation: Mapping[str, Any], now: da
     if group.capacity_type != "CAPACITY_BLOCK" and is_block:
         fails.append(("it is a Capacity Block", f"set {group_key(index, 'capacityType')} to CAPACITY_BLOCK"))
 
-    if end is not None and training_hours and state in RESERVATION_READY + RESERVATION_WAITING:
+    # A Capacity Block's window against the run: check_capacity_block_windows.
+    if end is not None and training_hours and not is_block and state in RESERVATION_READY + RESERVATION_WAITING:
         begins = max(now, start) if start else now
         window = (end - begins).total_seconds() / 3600
         if window < training_hours:
@@ -421,7 +426,64 @@ def check_reservations(ec2, cfg, now: datetime | None = None) -> list[Check]:
                                 f"(`aws ec2 describe-capacity-reservations --region {region}` lists them)"))
             continue
         hours = cfg.sizing.hours if group.name == cfg.training_node_group else None
-        checks.append(judge_reservation(index, group, found[0], now, hours))
+        checks.append(judge_reservation(index, group, found[0], now, hours, cfg.autoscaling.enabled))
+    return checks
+
+
+def judge_capacity_block_window(index: int, group, block: Mapping[str, Any], now: datetime, cfg) -> Check:
+    """Whether a Capacity Block's window covers what the stack runs on its group. Nodes exist only inside the
+    window: the group can grow only once the block is active (the autoscaler's scale-ups fail until then), and
+    EC2 takes the instances back when it ends. `pulumi up` creates the pipeline's pods at once, so the planned run
+    starts at the later of now and the block's start. Pure: tested on describe results."""
+    name = f"capacity window {_group_label(index, group)}"
+    start, end = block.get("StartDate"), block.get("EndDate")
+    rid = block.get("CapacityReservationId", group.capacity_reservation_id)
+    if end is None:
+        return Check(name, WARN, f"Capacity Block {rid} reports no end date", "check it in the EC2 console")
+    begins = max(now, start) if start else now
+    details = [f"Capacity Block {rid} runs {_when(start)} to {_when(end)}"]
+    if begins > now:
+        details.append(f"the group can only grow from {_when(begins)}: until then the pipeline's GPU pods wait "
+                       f"(alert NemoGpuPodPending after {cfg.pipeline.monitoring.pending_gpu_pod_minutes} min)")
+    warns: list[tuple[str, str]] = []
+    if group.name == cfg.training_node_group:
+        hours = cfg.sizing.hours
+        if hours is None:
+            warns.append(("the plan has no training estimate, so whether the block covers the run is unknown",
+                          f"set {PROJECT}:training.datasetTokens for an estimate"))
+        elif (finish := begins + timedelta(hours=hours)) > end:
+            warns.append((f"the planned training ({_duration(hours)} from {_when(begins)}) would end {_when(finish)}, "
+                          f"after the block: its nodes go at {_when(end)} and none can be added then",
+                          f"extend the block or buy one that covers the run; or shorten it ({PROJECT}:training.maxSteps, "
+                          f"training.epochs); a cut-off run resumes from its last checkpoint on new capacity"))
+        else:
+            details.append(f"the planned training ({_duration(hours)}) ends by {_when(finish)}")
+    if group.name == cfg.serving_node_group:
+        warns.append((f"Triton serves from this group: it stops at {_when(end)}, when the block's nodes go",
+                      f"serve from an ON_DEMAND group ({PROJECT}:serving.nodeGroup) or buy the next block in time"))
+    detail = "; ".join(details + [w for w, _ in warns])
+    return Check(name, WARN if warns else PASS, detail, "; ".join(f for _, f in warns))
+
+
+def check_capacity_block_windows(ec2, cfg, now: datetime | None = None) -> list[Check]:
+    now = now or datetime.now(timezone.utc)
+    checks = []
+    for index, group in enumerate(cfg.gpu_node_groups):
+        if group.capacity_type != "CAPACITY_BLOCK":
+            continue
+        try:
+            found = ec2.describe_capacity_reservations(
+                CapacityReservationIds=[group.capacity_reservation_id])["CapacityReservations"]
+        except _client_errors() as error:
+            found, reason = [], _error_text(error)
+        else:
+            reason = "not found"
+        if not found:
+            checks.append(Check(f"capacity window {_group_label(index, group)}", WARN,
+                                f"{group.capacity_reservation_id} could not be read ({reason})",
+                                "see the reservation line; check the block's start and end by hand"))
+            continue
+        checks.append(judge_capacity_block_window(index, group, found[0], now, cfg))
     return checks
 
 
@@ -641,6 +703,8 @@ def run_checks(clients: Clients, cfg, *, bucket: str | None = None, now: datetim
          lambda: check_quotas(clients("service-quotas"), cfg)),
         ("reservations", "ec2", "ec2:DescribeCapacityReservations",
          lambda: check_reservations(clients("ec2"), cfg, now)),
+        ("capacity block windows", "ec2", "ec2:DescribeCapacityReservations",
+         lambda: check_capacity_block_windows(clients("ec2"), cfg, now)),
         ("kubernetes version", "eks", "eks:DescribeClusterVersions or eks:DescribeAddonVersions",
          lambda: check_kubernetes_version(clients("eks"), cfg)),
         ("dataset", "s3", "s3:ListAllMyBuckets, s3:GetBucketTagging, s3:ListBucket, s3:GetObject",

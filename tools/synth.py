@@ -154,8 +154,15 @@ def output_names(type_token: str) -> tuple[str, ...]:
     return tuple(dict.fromkeys(names))
 
 
+# Outputs a program reads into (not only passes on): a placeholder of their shape, leaves named by their path.
+_NESTED_OUTPUTS: Mapping[str, Callable[[str], dict[str, Any]]] = {
+    "aws:eks/nodeGroup:NodeGroup": lambda name: {"resources": [{"autoscalingGroups": [
+        {"name": f"<{name}.resources[0].autoscalingGroups[0].name>"}]}]},
+}
+
+
 def _placeholders(name: str, type_token: str, inputs: Mapping[str, Any]) -> dict[str, Any]:
-    state = dict(inputs)
+    state = {**(_NESTED_OUTPUTS[type_token](name) if type_token in _NESTED_OUTPUTS else {}), **inputs}
     for output in output_names(type_token):
         if output not in state and output not in ("status",):
             state[output] = f"<{name}.{output}>"
@@ -221,6 +228,8 @@ def _options(request) -> dict[str, Any]:
         options["deleteBeforeReplace"] = True
     if list(request.replaceOnChanges):
         options["replaceOnChanges"] = list(request.replaceOnChanges)
+    if list(request.ignoreChanges):
+        options["ignoreChanges"] = list(request.ignoreChanges)
     timeouts = {k: getattr(request.customTimeouts, k) for k in ("create", "update", "delete")
                 if request.HasField("customTimeouts") and getattr(request.customTimeouts, k)}
     if timeouts:

@@ -5,7 +5,14 @@ The metric names here are the ones the exporters really emit (tests check each a
   DCGM_FI_DEV_FB_USED and DCGM_FI_DEV_FB_FREE (MiB), labelled with the pod and namespace using the GPU.
 - Triton (server docs/user_guide/metrics.md): nv_inference_request_success, nv_inference_request_failure,
   nv_inference_queue_duration_us (cumulative counters).
-- kube-state-metrics (in kube-prometheus-stack): kube_pod_container_status_restarts_total, kube_pod_status_phase.
+- kube-state-metrics (in kube-prometheus-stack): kube_pod_container_status_restarts_total, kube_pod_status_phase,
+  kube_pod_status_unschedulable (1 while the pod's PodScheduled condition is False, whatever the reason:
+  internal/store/pod.go), kube_pod_container_resource_requests (resource label sanitized: nvidia.com/gpu ->
+  nvidia_com_gpu, SanitizeLabelName in internal/store/utils.go), kube_pod_status_reason{reason="SchedulingGated"}
+  (from v2.19.0; older versions have no such series, and a gated GPU pod then counts as pending too).
+- Cluster Autoscaler (cluster-autoscaler/metrics/metrics.go at cluster-autoscaler-1.34.5, namespace
+  cluster_autoscaler): failed_scale_ups_total{reason}, unschedulable_pods_count{type}, and with
+  --emit-per-nodegroup-metrics node_group_target_count{node_group} and node_group_backoff_status{node_group,reason}.
 - Ours: workloads/entrypoints/training_metrics.py (nemo_training_*, nemo_validation_loss,
   nemo_throughput_tokens_per_sec, nemo_step_time_seconds), evaluate.py (nemo_eval_*) and gatekeeper.py
   (nemo_pipeline_job_failed).
@@ -36,6 +43,20 @@ THROUGHPUT = "nemo_throughput_tokens_per_sec"
 STEP_TIME = "nemo_step_time_seconds"
 TRAINING_STEP = "nemo_training_step"
 JOB_FAILED = gatekeeper.JOB_FAILED  # served by the gatekeeper (entrypoints/gatekeeper.py, metrics_text)
+POD_UNSCHEDULABLE = "kube_pod_status_unschedulable"
+POD_REQUESTS = "kube_pod_container_resource_requests"
+POD_STATUS_REASON = "kube_pod_status_reason"
+CA_FAILED_SCALE_UPS = "cluster_autoscaler_failed_scale_ups_total"
+CA_GROUP_TARGET = "cluster_autoscaler_node_group_target_count"
+CA_GROUP_BACKOFF = "cluster_autoscaler_node_group_backoff_status"
+
+
+def pending_gpu_pods() -> str:
+    """Pods in any namespace that ask for GPUs and have no node: nothing fits them (no GPU node, or the autoscaler
+    cannot get one). Pods held back on purpose by a scheduling gate are not waiting for capacity."""
+    return (f"(max by (namespace, pod) ({POD_UNSCHEDULABLE}) == 1)"
+            f" and on (namespace, pod) (sum by (namespace, pod) ({POD_REQUESTS}{{resource=\"nvidia_com_gpu\"}}) > 0)"
+            f" unless on (namespace, pod) ({POD_STATUS_REASON}{{reason=\"SchedulingGated\"}} == 1)")
 
 
 def pod_monitor_manifest(namespace: str) -> dict[str, Any]:
@@ -102,6 +123,9 @@ def alert_rules(namespace: str, cfg: MonitoringConfig) -> list[dict[str, Any]]:
              "5m", "critical", f"Over {cfg.triton_failure_ratio:.1%} of requests to {{{{ $labels.pod }}}} fail"),
         rule("NemoTritonQueueTimeHigh", f"{queue_ms} > {cfg.triton_queue_time_ms}",
              "10m", "warning", f"Requests wait over {cfg.triton_queue_time_ms} ms in {{{{ $labels.pod }}}}'s queue"),
+        rule("NemoGpuPodPending", pending_gpu_pods(), f"{cfg.pending_gpu_pod_minutes}m", "warning",
+             f"GPU pod {{{{ $labels.namespace }}}}/{{{{ $labels.pod }}}} has waited over {cfg.pending_gpu_pod_minutes} "
+             "minutes for a node"),
     ]
 
 
@@ -142,6 +166,11 @@ def dashboard(namespace: str) -> dict[str, Any]:
         ("Evaluation: exact match and ROUGE-L", [("last_over_time(nemo_eval_exact_match_ratio[30d])", "exact match {{model}}"),
                                                  ("last_over_time(nemo_eval_rouge_l_f1[30d])", "ROUGE-L {{model}}")],
          "percentunit"),
+        ("Pending GPU pods (waiting for a node)", [(f"count({pending_gpu_pods()}) or vector(0)", "pending")], "short"),
+        ("GPU nodes: autoscaler target and scale-up failures",
+         [(f"max by (node_group) ({CA_GROUP_TARGET})", "target {{node_group}}"),
+          (f"max by (node_group, reason) ({CA_GROUP_BACKOFF}) > 0", "backed off {{node_group}} {{reason}}"),
+          (f"sum by (reason) (increase({CA_FAILED_SCALE_UPS}[1h]))", "failed scale-ups {{reason}}")], "short"),
     ]
     return {
         "title": "nemo-eks pipeline", "uid": "nemo-eks-pipeline", "schemaVersion": 39, "version": 1,

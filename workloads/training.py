@@ -11,6 +11,7 @@ from workloads.observability import TRAINING_METRICS_PORT
 from workloads.entrypoints.layout import ENTRYPOINTS_DIR, NCCL_TIMEOUT_ENV, RUN_CONFIG_FILE
 
 MASTER_PORT = 23456  # the training operator's default; its Service for the master exposes it by this name
+SAFE_TO_EVICT = "cluster-autoscaler.kubernetes.io/safe-to-evict"
 
 
 def backoff_limit(nodes: int, pod_restarts: int) -> int:
@@ -76,7 +77,11 @@ def _pod_template(spec: TrainingSpec, role: str) -> dict[str, Any]:
     share = pods.pod_share(spec.instance, spec.instance.gpus, efa=spec.instance.efa)
     mounts = pods.volume_mounts()
     compute = share.resources()
-    metadata: dict[str, Any] = {"labels": pods.labels("training", **{"nemo-eks/run-id": spec.run_id})}
+    metadata: dict[str, Any] = {
+        "labels": pods.labels("training", **{"nemo-eks/run-id": spec.run_id}),
+        # Never evicted to consolidate nodes: one rank's eviction restarts every rank from the last checkpoint
+        # (Cluster Autoscaler utils/drain/drain.go PodSafeToEvictKey, "false" blocks it).
+        "annotations": {SAFE_TO_EVICT: "false"}}
     placement: dict[str, Any] = {}
     if role == "master":
         # Once per run, before any rank starts: lay out the data and import the base model. This is the
@@ -88,7 +93,7 @@ def _pod_template(spec: TrainingSpec, role: str) -> dict[str, Any]:
         # Workers are gated until the master's prepare is done, so they hold no GPU node meanwhile. A failed
         # prepare holds them (the master retries it; the operator would only recreate a failed worker pod).
         annotations, gates = pods.input_gate(spec.prepared_marker, None, "hold")
-        metadata["annotations"] = annotations
+        metadata["annotations"].update(annotations)
         placement["schedulingGates"] = gates
     env = {**pods.NCCL_EFA_ENV, NCCL_TIMEOUT_ENV: str(spec.nccl_timeout_seconds)}
     container = {

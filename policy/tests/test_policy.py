@@ -260,11 +260,12 @@ STACK_POLICIES = [p for p in rules.POLICIES if isinstance(p, StackValidationPoli
 
 def test_every_rule_is_a_mandatory_policy_with_a_unique_name():
     names = [p.name for p in rules.POLICIES]
-    assert len(names) == len(set(names)) == 9
+    assert len(names) == len(set(names)) == 11
     assert all(p.enforcement_level == EnforcementLevel.MANDATORY for p in rules.POLICIES)
     assert {p.name for p in STACK_POLICIES} == {
         "efa-security-group-self-traffic", "fsx-lustre-security-group-ports", "s3-bucket-encrypted-private-tls-only",
-        "gpu-pod-efa-request-matches-node", "triton-gpus-match-engine-world-size"}
+        "gpu-pod-efa-request-matches-node", "triton-gpus-match-engine-world-size",
+        "efa-node-group-tells-autoscaler-its-interfaces"}
     assert all(p.description and p.remediation_steps for p in rules.POLICIES)
 
 
