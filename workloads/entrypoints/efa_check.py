@@ -138,8 +138,9 @@ def plugin_network_name(library: ctypes.CDLL) -> str | None:
     return None
 
 
-def explain_load_error(message: str) -> str:
-    """The fix for a failed dlopen, from the loader's own message."""
+def explain_load_error(message: str, plugin_missing: bool = False) -> str:
+    """The fix for a failed dlopen, from the loader's own message. ``plugin_missing``: no candidate file exists,
+    as opposed to a plugin that exists but whose dependencies do not resolve."""
     if "IBVERBS_PRIVATE" in message or "/opt/rdma-core" in message:
         return ("a second rdma-core shadows the one libefa was built against (HPC-X's /opt/rdma-core in NGC images, "
                 "NVIDIA-NeMo/Megatron-Bridge#2824): run the image built from images/training/Dockerfile, which takes "
@@ -150,9 +151,12 @@ def explain_load_error(message: str) -> str:
                 "efa_installer.sh in the final image so that its rdma-core replaces the system one")
     if "libfabric.so" in message:
         return "libfabric is not on the loader path: add /opt/amazon/efa/lib to LD_LIBRARY_PATH"
-    if "cannot open shared object file" in message:
+    if plugin_missing:
         return ("the plugin is not installed where NCCL looks: run the image built from images/training/Dockerfile "
                 "(NCCL_NET_PLUGIN points at its aws-ofi-nccl), or set NCCL_NET_PLUGIN to your plugin's path")
+    if "cannot open shared object file" in message:
+        return ("a library the plugin needs is not on the loader path (named above): install it in the image or add "
+                "its directory to LD_LIBRARY_PATH; `ldd` on the plugin lists what does not resolve")
     return "see the loader's message above; `ldd` on the plugin shows which library does not resolve"
 
 
@@ -160,12 +164,15 @@ def check_plugin(nccl_net_plugin: str | None, nccl_net: str | None,
                  load: Callable[[str], ctypes.CDLL] = _dlopen) -> tuple[list[Problem], str]:
     """(problems, what loaded). NCCL_NET must name the plugin's network: with it pinned, NCCL fails instead of
     falling back to sockets when the plugin is missing."""
-    errors = []
+    errors: list[str] = []
+    missing = 0
     for name in plugin_candidates(nccl_net_plugin):
         try:
             library = load(name)
         except OSError as error:
             errors.append(str(error))
+            # NCCL treats "<its own name>: ... No such file or directory" as "not there" (plugin_open.cc, ENOENT)
+            missing += str(error).startswith(f"{name}: cannot open shared object file")
             continue
         network = plugin_network_name(library)
         if network is None:
@@ -181,7 +188,7 @@ def check_plugin(nccl_net_plugin: str | None, nccl_net: str | None,
         return [], f"{name} ({network})"
     message = "; ".join(errors)
     return [Problem("plugin", f"the NCCL net plugin does not load (NCCL_NET_PLUGIN={nccl_net_plugin or '<unset>'}): "
-                    f"{message}", explain_load_error(message))], ""
+                    f"{message}", explain_load_error(message, plugin_missing=missing == len(errors)))], ""
 
 
 # --------------------------------------------------------------------------------------------------
@@ -197,12 +204,14 @@ def main(argv: list[str] | None = None, environ: dict[str, str] | None = None) -
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", default=str(layout.RUN_CONFIG_FILE))
     parser.add_argument("--efa-devices", type=int, required=True, help="vpc.amazonaws.com/efa the pod requested")
+    parser.add_argument("--fi-info", default=FI_INFO_COMMAND[0], help="the fi_info to run")
+    parser.add_argument("--device-glob", default=DEVICE_GLOB, help="the EFA device files the pod was given")
     args = parser.parse_args(argv)
     env = os.environ if environ is None else environ
     run = layout.load_run(args.config)
 
-    problems = check_devices(count_devices(), args.efa_devices)
-    returncode, output = run_fi_info()
+    problems = check_devices(count_devices(args.device_glob), args.efa_devices)
+    returncode, output = run_fi_info((args.fi_info, *FI_INFO_COMMAND[1:]))
     problems += check_libfabric(returncode, output, args.efa_devices)
     plugin_problems, loaded = check_plugin(env.get("NCCL_NET_PLUGIN"), env.get("NCCL_NET"))
     problems += plugin_problems
