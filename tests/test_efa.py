@@ -228,3 +228,18 @@ def test_the_report_reads_like_all_reduce_perf():
     lines = fabric_test.table([fabric_test.measure(2147483648, 9074.5e-6, 16)]).splitlines()
     assert lines[0].split()[1:] == ["size", "count", "type", "redop", "time", "algbw", "busbw"]
     assert lines[2].split() == ["2147483648", "536870912", "float", "sum", "9074.5", "236.65", "443.72"]
+
+
+def test_every_failure_the_pods_can_report_has_a_runbook_entry():
+    import efa_check
+
+    runbook = (synth.ROOT / "docs" / "runbook.md").read_text()
+    for check in efa_check.CHECKS:
+        assert f'<a id="runbook-efa-{check}"></a>' in runbook
+    assert '<a id="runbook-efa-fabric"></a>' in runbook and "runbook.md#runbook-efa-fabric" in fabric_test.DOCS
+    assert '<a id="runbook-efa-image"></a>' in runbook
+    import re
+    reported = set(re.findall(r'Problem\("(\w+)"', (ENTRYPOINTS / "efa_check.py").read_text()))
+    assert reported == set(efa_check.CHECKS)
+    problem = efa_check.Problem("plugin", "cause", "fix")
+    assert "docs/runbook.md#runbook-efa-plugin" in str(problem)

@@ -32,7 +32,9 @@ FI_INFO_COMMAND = ("fi_info", "-p", "efa", "-t", "FI_EP_RDM")
 DEVICE_GLOB = "/dev/infiniband/uverbs*"
 # NCCL looks for the newest plugin interface first; every version's struct starts with `const char* name`.
 PLUGIN_SYMBOLS = tuple(f"ncclNetPlugin_v{v}" for v in range(12, 5, -1))
-DOCS = "docs/efa.md and docs/runbook.md (EFA pre-flight check)"
+DOCS = "docs/efa.md"
+RUNBOOK = "docs/runbook.md"
+CHECKS = ("devices", "libfabric", "plugin")  # each has a runbook entry
 
 
 @dataclass(frozen=True)
@@ -42,7 +44,7 @@ class Problem:
     fix: str
 
     def __str__(self) -> str:
-        return f"[{self.check}] {self.cause}\n  fix: {self.fix}"
+        return f"[{self.check}] {self.cause}\n  fix: {self.fix}\n  runbook: {RUNBOOK}#runbook-efa-{self.check}"
 
 
 # --------------------------------------------------------------------------------------------------

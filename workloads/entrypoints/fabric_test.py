@@ -35,7 +35,7 @@ DEFAULT_SIZES = (256 * 1024 ** 2, GIB, 2 * GIB)  # the floors' published figures
 LARGE_MESSAGE_BYTES = GIB  # the verdict counts sizes from here up: smaller ones are latency-bound
 WARMUP_ITERATIONS = 5
 TIMED_ITERATIONS = 20
-DOCS = "docs/efa.md (reading the fabric test) and docs/runbook.md (fabric test below the floor)"
+DOCS = "docs/efa.md (reading the fabric test) and docs/runbook.md#runbook-efa-fabric"
 
 
 @dataclass(frozen=True)
