@@ -119,3 +119,56 @@ def test_nccl_tests_are_built_with_mpi_against_the_images_nccl(parsed):
     assert 'NVCC_GENCODE="${NCCL_GENCODE}"' in step
     assert "compute_80" in parsed["args"]["NCCL_GENCODE"] and "compute_90" in parsed["args"]["NCCL_GENCODE"]
     assert images.NCCL_TESTS_DIR in instructions(parsed, "ENV")[0]
+
+
+# ---------------------------------------------------------------------------------------------- how it is built
+
+
+def test_workflow_builds_on_dockerfile_or_pin_changes_for_every_target():
+    import yaml
+
+    workflow = yaml.safe_load((synth.ROOT / ".github" / "workflows" / "training-image.yml").read_text())
+    on = workflow.pop(True)  # YAML 1.1 reads the key `on` as true
+    assert set(on) == {"push", "workflow_dispatch"}
+    assert on["push"]["branches"] == ["main"]
+    assert {"images/training/**", "infra/images.py"} <= set(on["push"]["paths"])
+    assert workflow["permissions"] == {"contents": "read"}
+    targets, build = workflow["jobs"]["targets"], workflow["jobs"]["build"]
+    assert any("tools.training_image targets" in step.get("run", "") for step in targets["steps"])
+    assert build["strategy"]["matrix"]["target"] == "${{ fromJSON(needs.targets.outputs.targets) }}"
+    assert build["permissions"] == {"contents": "read", "id-token": "write"}  # OIDC, no stored keys
+    assert build["environment"] == "${{ matrix.target.stack }}"  # the stack's own role and region
+    steps = build["steps"]
+    names = [step.get("name") or step.get("uses") for step in steps]
+    assert names.index("Free disk for the base image") < names.index("Build and push")
+    assert "data-root" in steps[0]["run"] and "rm -rf /usr/share/dotnet" in steps[0]["run"]
+    [credentials] = [s for s in steps if s.get("uses", "").startswith("aws-actions/configure-aws-credentials")]
+    assert "role-to-assume" in credentials["with"]
+    [push] = [s for s in steps if s.get("name") == "Build and push"]
+    assert push["if"] == "steps.pushed.outputs.done != 'true'"  # immutable tags: an existing one is left alone
+    assert "docker build $BUILD_ARGS" in push["run"] and "images/training" in push["run"]
+
+
+def test_targets_are_the_multi_node_stacks_with_their_repository_and_flags():
+    found = {t["stack"]: t for t in training_image.targets()}
+    for stack in synth.stack_names():
+        raw, secrets = synth.read_stack_config(stack)
+        from infra.config import load
+
+        cfg = load(raw, stack, secret_keys=secrets)
+        if cfg.pipeline.efa.built_image_tag is None:
+            assert stack not in found
+            continue
+        target = found[stack]
+        assert target["repository"] == f"nemo-eks-{stack}-training" and target["tag"] == cfg.pipeline.efa.built_image_tag
+        assert target["build_args"].split() == training_image.build_args(images.parse(cfg.pipeline.nemo_image).tag)
+    assert found, "no stack builds the image: the workflow would never run a build"
+
+
+def test_make_image_builds_what_the_workflow_builds():
+    done = subprocess.run(["make", "-n", "image", "STACK=prod"], cwd=synth.ROOT, capture_output=True, text=True,
+                          timeout=120, check=True)
+    assert "tools.training_image tag --base-tag 26.02" in done.stdout
+    assert "tools.training_image build-args --base-tag 26.02" in done.stdout
+    assert "images/training" in done.stdout and "nemo-eks-prod-training" in done.stdout
+    assert training_image.main(["tag", "--base-tag", "25.11"]) == 2  # no row for that base: refused
