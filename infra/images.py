@@ -147,10 +147,11 @@ TRAINING_REPOSITORY_SUFFIX = "training"  # the stack's ECR repository: <project>
 # Where the image installs the plugin, and the network name NCCL must be pinned to. NCCL_NET_PLUGIN may be a
 # path: NCCL dlopen()s it as given (NVIDIA/nccl src/plugin/plugin_open.cc, openPluginLib), so no other
 # libnccl-net*.so on the search path (the EFA installer's own, an NGC default) can be picked instead.
-# aws-ofi-nccl names its network "Libfabric" since v1.12.0; 1.11.0 and earlier said "AWS Libfabric", and for
-# scripts that still set that (or "OFI"), the plugin renames itself to match NCCL_NET
-# (aws/aws-ofi-nccl src/nccl_ofi_interface_nvidia.cpp at v1.21.1, ``.name = "Libfabric"`` and
-# nvidia_plugin_name_fixup).
+# aws-ofi-nccl names its network "Libfabric" from v1.13.0 on (the tags' src/nccl_ofi_interface_nvidia.c[pp]:
+# v1.12.1-aws still has only ``.name = "AWS Libfabric"``; the code's own comment says "1.11.0 and prior"), and for
+# scripts that still set "AWS Libfabric" (or "OFI") the plugin renames itself to match NCCL_NET
+# (nvidia_plugin_name_fixup, at v1.21.1 too). The file: libnccl-net.so up to v1.14; from v1.15.0 on
+# libnccl-net-ofi.so with libnccl-net.so as a link or copy beside it by default (src/Makefile.am of each tag).
 AWS_OFI_NCCL_PREFIX = "/opt/aws-ofi-nccl"
 NCCL_NET_PLUGIN_PATH = f"{AWS_OFI_NCCL_PREFIX}/lib/libnccl-net-ofi.so"
 NCCL_NET_NAME = "Libfabric"

@@ -185,7 +185,7 @@ def check_plugin(nccl_net_plugin: str | None, nccl_net: str | None,
                             f"set NCCL_NET={network} in the pod (workloads/fabric.py does for multi-node runs)")], name
         if network.lower() != nccl_net.lower():
             return [Problem("plugin", f"NCCL_NET={nccl_net!r} but {name} calls its network {network!r}",
-                            f"set NCCL_NET={network} (aws-ofi-nccl 1.12 and later say 'Libfabric', 1.11 and earlier "
+                            f"set NCCL_NET={network} (aws-ofi-nccl 1.13 and later say 'Libfabric', 1.12 and earlier "
                             "'AWS Libfabric')")], f"{name} ({network})"
         return [], f"{name} ({network})"
     message = "; ".join(errors)
