@@ -3,8 +3,10 @@ PYTHON ?= python3.11
 VENV := .venv
 PY := $(VENV)/bin/python
 STACK ?= dev
+PROJECT_NAME := nemo-eks
+PUSH ?= 0
 
-.PHONY: help venv plan plan-all test bench sizing docs clean clean-all
+.PHONY: help venv plan plan-all test bench sizing docs image clean clean-all
 
 help:
 	@echo "make plan STACK=<name>   offline plan of stacks/Pulumi.<name>.yaml into build/<name>/"
@@ -13,6 +15,7 @@ help:
 	@echo "make sizing              the sizing matrix: every variant x method x GPU type (Markdown)"
 	@echo "make docs                rewrite the generated tables of docs/ (config keys, sizing)"
 	@echo "make bench               time the planner over the full matrix"
+	@echo "make image [PUSH=1 STACK=<name>]  build the EFA training image (docker); PUSH=1 pushes it to the stack's ECR"
 
 $(VENV)/.installed: requirements.txt requirements-dev.txt
 	@command -v $(PYTHON) >/dev/null || { echo "need $(PYTHON) (set PYTHON=...)"; exit 1; }
@@ -61,6 +64,26 @@ docs: venv
 
 bench: venv
 	$(PY) -m tools.bench
+
+# The EFA training image of multi-node stacks (images/training/Dockerfile, docs/efa.md), built as
+# .github/workflows/training-image.yml builds it: the pins come from infra/images.py TRAINING_IMAGES. Needs docker
+# and about 80 GB of free disk (the NeMo base image is tens of GB). PUSH=1 also pushes it to the ECR repository
+# that `pulumi up` declared for STACK (AWS credentials of that account); an existing tag is never overwritten.
+IMAGE_BASE_TAG ?= 26.02
+image: venv
+	@set -eu; \
+	tag=$$($(PY) -m tools.training_image tag --base-tag $(IMAGE_BASE_TAG)); \
+	repository=$(PROJECT_NAME)-$(STACK)-training; \
+	docker build $$($(PY) -m tools.training_image build-args --base-tag $(IMAGE_BASE_TAG)) \
+		--tag "$$repository:$$tag" images/training; \
+	echo "built $$repository:$$tag"; \
+	if [ "$(PUSH)" = "1" ]; then \
+		url=$$(aws ecr describe-repositories --repository-names "$$repository" \
+			--query 'repositories[0].repositoryUri' --output text); \
+		aws ecr get-login-password | docker login --username AWS --password-stdin "$${url%%/*}"; \
+		docker tag "$$repository:$$tag" "$$url:$$tag"; \
+		docker push "$$url:$$tag"; \
+	fi
 
 clean:
 	rm -rf build .pytest_cache

@@ -45,6 +45,41 @@ GPU_PEAK_TFLOPS: Mapping[str, Mapping[str, float]] = MappingProxyType({
 })
 
 
+@dataclass(frozen=True)
+class FabricFloor:
+    """The least all-reduce bus bandwidth (nccl-tests' busbw, GB/s) a multi-node run must measure across its
+    nodes at 1 GiB and larger messages before training starts, with the published figure it derives from.
+
+    Socket fallback is one to two orders of magnitude below these figures and a node that lost part of its EFA
+    interfaces loses the same share of bandwidth, so half of the published figure separates a broken fabric
+    from an ordinary one without failing runs for noise (placement, other tenants, NCCL version)."""
+
+    published_gbps: float  # busbw of the published 2-node run, at the message size below
+    message_bytes: int
+    source: str
+
+    @property
+    def floor_gbps(self) -> float:
+        return round(self.published_gbps * FABRIC_FLOOR_SHARE, 1)
+
+
+FABRIC_FLOOR_SHARE = 0.5
+_ADT_NCCL_TESTS = ("awsome-distributed-training micro-benchmarks/nccl-tests/README.md (aws-samples snapshot "
+                   "2026-02-21), \"Results\": all_reduce_perf")
+# 2 x p4de.24xlarge: 78.33 GB/s out-of-place busbw at 2 GiB. p4d has the same 4 x 100 Gbps EFA (API: 4 EFA
+# interfaces each) and the same A100/NVSwitch node, only less GPU memory: the same fabric figure holds.
+_P4_FLOOR = FabricFloor(78.33, 2 * 1024 ** 3, f"{_ADT_NCCL_TESTS} on 2 x p4de.24xlarge, 2147483648 B")
+# 2 x p5.48xlarge: 443.72 GB/s at 2 GiB (487.09 at 16 GiB). p5e has p5's 32 x 100 Gbps EFA and the same NVSwitch
+# node. p5en: no 2-node all_reduce_perf figure was found published; it has the same 3200 Gbps of EFA in total
+# (16 EFAv3 interfaces; https://aws.amazon.com/ec2/instance-types/p5/ lists 3200 Gbps for p5, p5e and p5en),
+# so p5's figure is its reference too. Replace it with a measured one when you have it.
+_P5_FLOOR = FabricFloor(443.72, 2 * 1024 ** 3, f"{_ADT_NCCL_TESTS} on 2 x p5.48xlarge, 2147483648 B")
+FABRIC_FLOORS: Mapping[str, FabricFloor] = MappingProxyType({
+    "p4d.24xlarge": _P4_FLOOR, "p4de.24xlarge": _P4_FLOOR,
+    "p5.48xlarge": _P5_FLOOR, "p5e.48xlarge": _P5_FLOOR, "p5en.48xlarge": _P5_FLOOR,
+})
+
+
 class UnknownInstanceType(ValueError):
     """Raised when an instance type is not in the catalog. A stack config typo fails here, at preview."""
 

@@ -171,6 +171,10 @@ KEYS: tuple[Key, ...] = (
     Key("autoscaling.enabled", "boolean", True, "true, false", "Run the Kubernetes Cluster Autoscaler on the system nodes: GPU groups grow from 0 for pending pods and shrink when idle. false: each group keeps its desiredSize, for clusters whose capacity is fixed."),
     Key("autoscaling.chartVersion", "string", "9.59.0", "a chart version of cluster-autoscaler (https://kubernetes.github.io/autoscaler)", "cluster-autoscaler Helm chart version."),
     Key("autoscaling.imageTag", "string", Derived("the newest release of the cluster's minor, e.g. v1.34.5 for 1.34"), "v1.<the kubernetesVersion minor>.<patch>", "Cluster Autoscaler image tag (registry.k8s.io/autoscaling/cluster-autoscaler); its minor must be the cluster's."),
+    # Multi-node training over EFA: the project's EFA image, the pre-flight check and the fabric test (docs/efa.md).
+    Key("images.training", "string", Derived("multi-node EFA runs: the image built from images/training in this stack's ECR repository, tagged with the NeMo tag and the EFA installer version (e.g. 26.02-efa1.50.0); otherwise images.nemo"), "an image pinned by tag, built from images/training/Dockerfile or equivalent", "Image of the training pods. Multi-node runs need NCCL over EFA, which the stock NeMo image cannot load."),
+    Key("efa.fabricTest", "boolean", True, "true, false", "Multi-node runs: measure all-reduce bus bandwidth across the run's nodes before training; stop the run when it is below the floor."),
+    Key("efa.minBusBandwidthGBps", "number", Derived("the instance type's floor, infra/catalog.py FABRIC_FLOORS"), "> 0", "Floor of the fabric test: all-reduce bus bandwidth (GB/s, nccl-tests' busbw) at 1 GiB and larger messages."),
     Key("addons.nvidiaDevicePluginVersion", "string", "0.20.0", "a chart version of nvidia-device-plugin", "NVIDIA device plugin Helm chart version."),
     Key("addons.efaDevicePluginVersion", "string", "v0.5.31", "a chart version of aws-efa-k8s-device-plugin", "AWS EFA device plugin Helm chart version."),
     Key("addons.podIdentityAgentVersion", "string", None, "an EKS add-on version", "eks-pod-identity-agent add-on version; unset takes EKS's default for the cluster version."),
@@ -300,6 +304,19 @@ class MonitoringConfig:
         return self.stack != "none"
 
 
+@dataclass(frozen=True)
+class EfaConfig:
+    """Multi-node training over EFA. ``multi_node``: training spans nodes of an EFA instance type, so NCCL must
+    use the EFA plugin; then the pods check EFA before torchrun and, with ``fabric_test``, measure the fabric."""
+
+    multi_node: bool = False
+    efa_devices: int = 0  # per training pod (one pod per node, all of the node's EFA interfaces)
+    training_image: str | None = None  # images.training when set explicitly
+    built_image_tag: str | None = None  # the project-built image's tag, when the stack uses its ECR repository
+    fabric_test: bool = False
+    min_bus_bandwidth_gbps: float = 0.0
+
+
 # Prometheus's Service from the kube-prometheus-stack release nemo-eks installs (release name = chart name).
 INSTALLED_PROMETHEUS_URL = "http://kube-prometheus-stack-prometheus.monitoring.svc:9090"
 
@@ -331,6 +348,7 @@ class PipelineConfig:
     ngc_api_key: str | None = field(default=None, repr=False)  # secrets: declared only as Pulumi secrets
     hf_token: str | None = field(default=None, repr=False)
     fault_tolerance: FaultToleranceConfig = FaultToleranceConfig()
+    efa: EfaConfig = EfaConfig()
 
 
 @dataclass(frozen=True)
@@ -948,6 +966,7 @@ def _load_pipeline(root: _Section, workload: _Workload, secret_keys: Sequence[st
     except images.ImageError as error:
         raise ConfigError(i.where("triton"), triton_image, str(error),
                           f"serving.backend is {workload.backend}") from None
+    efa = _load_efa(_section(root, "efa"), i, workload, nemo_image)
     i.finish()
     credentials = {}
     for name in ("ngcApiKey", "hfToken"):
@@ -964,7 +983,38 @@ def _load_pipeline(root: _Section, workload: _Workload, secret_keys: Sequence[st
                           workload.backend, workload.min_replicas, workload.max_replicas,
                           workload.target_queue_time_ms, wait, timeout, monitoring,
                           _load_evaluation(_section(root, "evaluation")), credentials["ngcApiKey"],
-                          credentials["hfToken"], _load_fault_tolerance(_section(root, "faultTolerance")))
+                          credentials["hfToken"], _load_fault_tolerance(_section(root, "faultTolerance")), efa)
+
+
+def _load_efa(s: _Section, images_section: _Section, workload: _Workload, nemo_image: str) -> EfaConfig:
+    """Multi-node training on an EFA instance type needs NCCL over EFA: an image that can load the plugin (the
+    project's, by default), the pre-flight check and the fabric test with its floor."""
+    instance, nodes = workload.plan.request.instance, workload.plan.parallelism.nodes
+    multi_node = nodes > 1 and instance.efa
+    explicit = images_section.get("training")
+    if explicit is not None:
+        try:
+            images.parse(explicit)
+        except images.ImageError as error:
+            raise ConfigError(images_section.where("training"), explicit, str(error)) from None
+    built_tag = None
+    if multi_node and explicit is None:
+        try:
+            built_tag = images.training_image_for(nemo_image).tag
+        except images.ImageError as error:
+            raise ConfigError(images_section.where("nemo"), nemo_image, str(error),
+                              f"training spans {nodes} x {instance.name} and needs NCCL over EFA") from None
+    fabric_test = s.get("fabricTest")
+    floor = catalog.FABRIC_FLOORS.get(instance.name)
+    minimum = s.get("minBusBandwidthGBps", floor.floor_gbps if floor else None)
+    if multi_node and fabric_test:
+        _check(minimum is not None, s.where("minBusBandwidthGBps"), minimum,
+               f"> 0 (no published floor for {instance.name} in infra/catalog.py FABRIC_FLOORS)")
+    _check(minimum is None or minimum > 0, s.where("minBusBandwidthGBps"), minimum, "> 0")
+    s.finish()
+    return EfaConfig(multi_node=multi_node, efa_devices=instance.efa_interfaces if multi_node else 0,
+                     training_image=explicit, built_image_tag=built_tag, fabric_test=multi_node and fabric_test,
+                     min_bus_bandwidth_gbps=float(minimum or 0.0))
 
 
 def _load_monitoring(s: _Section) -> MonitoringConfig:

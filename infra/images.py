@@ -4,6 +4,8 @@ Sources:
 - NeMo Framework containers -> NeMo: Megatron-Bridge docs/releases/software-versions.md and the NeMo
   Framework release notes. 26.02 is the last container with ``nemo.collections.llm`` (NeMo 2.7); from
   26.04 the containers ship Megatron-Bridge instead.
+- NeMo 26.02 ships CUDA 13.0.2 (Megatron-Bridge docs/releases/software-versions.md, "NeMo Framework 26.02").
+- The EFA training image (images/training/Dockerfile): see ``TRAINING_IMAGES`` below.
 - Triton ``<yy.mm>-trtllm-python-py3`` -> TensorRT-LLM: triton-inference-server/server
   docs/introduction/compatibility.md. TensorRT-LLM 1.2.x is the last line that builds TensorRT engines
   (``trtllm-build``, ``tensorrt_llm._tensorrt_engine.LLM``); later releases serve through the PyTorch backend only.
@@ -98,3 +100,74 @@ def check_triton(reference: str, backend: str) -> Image:
     if backend == "engine" and _version_tuple(TRITON_TRTLLM[image.release]) > _version_tuple(LAST_ENGINE_TRTLLM):
         raise ImageError(f"for the engine backend, TensorRT-LLM <= {LAST_ENGINE_TRTLLM} (Triton <= 26.07)")
     return image
+
+
+# --------------------------------------------------------------------------------------------------
+# The EFA-ready training image built from images/training/Dockerfile.
+#
+# The stock NeMo image cannot run NCCL over EFA on AWS: HPC-X's own rdma-core (/opt/rdma-core/build/lib)
+# shadows the system libibverbs that libefa was built against, the aws-ofi-nccl plugin fails to load
+# ("version `IBVERBS_PRIVATE_34' not found") and NCCL silently falls back to TCP sockets
+# (NVIDIA-NeMo/Megatron-Bridge#2824, NeMo 26.02.00). The project's image adds the EFA software and an
+# aws-ofi-nccl built against the image's own CUDA and NCCL, and takes HPC-X's rdma-core off the loader path.
+
+
+@dataclass(frozen=True)
+class TrainingImage:
+    """What the project's training image adds to one NeMo base tag. The Dockerfile's ARG defaults must equal
+    the row of ``DEFAULT_NEMO_IMAGE``'s tag (tests/test_training_image.py parses the Dockerfile)."""
+
+    base_tag: str
+    cuda: str  # of the base image: aws-ofi-nccl is compiled against it
+    efa_installer: str
+    aws_ofi_nccl: str  # release tag of aws/aws-ofi-nccl
+    aws_ofi_nccl_sha512: str  # of the release tarball, from the release notes
+    nccl_tests: str  # release tag of NVIDIA/nccl-tests
+
+    @property
+    def tag(self) -> str:
+        """The image tag names the NeMo base and the EFA installer: a new installer is a new, immutable tag."""
+        return f"{self.base_tag}-efa{self.efa_installer}"
+
+
+# EFA installer 1.50.0 (2026-08-21): libfabric 2.6.0amzn1.0, rdma-core 64.0, aws-ofi-nccl 1.21.1 (AWS EC2 user
+# guide, "Elastic Fabric Adapter release notes", efa-changelog). aws-ofi-nccl v1.21.1 was "tested with Libfabric
+# v2.6.0amzn1.0 ... backward compatibility with older NCCL versions (NCCL v2.17.1 and later)" (its GitHub
+# release notes, which also give the tarball's sha512). nccl-tests v2.19.6 is the newest release tag of
+# NVIDIA/nccl-tests in the snapshot read (2026-07-09).
+TRAINING_IMAGES: Mapping[str, TrainingImage] = MappingProxyType({
+    "26.02": TrainingImage(
+        base_tag="26.02", cuda="13.0.2", efa_installer="1.50.0", aws_ofi_nccl="v1.21.1",
+        aws_ofi_nccl_sha512=("ab7aa6b6f2f5117252e7603cf39458ec9b2d03a4bc2d8b36ac61f0b41287bcea"
+                             "3de619ed2d1638b4258694f48380971a2c60a4eac8e230097e80de2bb8e04e75"),
+        nccl_tests="v2.19.6"),
+})
+TRAINING_REPOSITORY_SUFFIX = "training"  # the stack's ECR repository: <project>-<stack>-training
+
+# Where the image installs the plugin, and the network name NCCL must be pinned to. NCCL_NET_PLUGIN may be a
+# path: NCCL dlopen()s it as given (NVIDIA/nccl src/plugin/plugin_open.cc, openPluginLib), so no other
+# libnccl-net*.so on the search path (the EFA installer's own, an NGC default) can be picked instead.
+# aws-ofi-nccl names its network "Libfabric" from v1.13.0 on (the tags' src/nccl_ofi_interface_nvidia.c[pp]:
+# v1.12.1-aws still has only ``.name = "AWS Libfabric"``; the code's own comment says "1.11.0 and prior"), and for
+# scripts that still set "AWS Libfabric" (or "OFI") the plugin renames itself to match NCCL_NET
+# (nvidia_plugin_name_fixup, at v1.21.1 too). The file: libnccl-net.so up to v1.14; from v1.15.0 on
+# libnccl-net-ofi.so with libnccl-net.so as a link or copy beside it by default (src/Makefile.am of each tag).
+AWS_OFI_NCCL_PREFIX = "/opt/aws-ofi-nccl"
+NCCL_NET_PLUGIN_PATH = f"{AWS_OFI_NCCL_PREFIX}/lib/libnccl-net-ofi.so"
+NCCL_NET_NAME = "Libfabric"
+EFA_BIN_DIR = "/opt/amazon/efa/bin"  # fi_info; the installer puts libfabric under /opt/amazon/efa
+NCCL_TESTS_DIR = "/opt/nccl-tests/build"
+
+
+def training_image_for(nemo_reference: str) -> TrainingImage:
+    """The training image row for a NeMo image; ImageError names the tags the project can build on."""
+    release = parse(nemo_reference).tag
+    if release not in TRAINING_IMAGES:
+        raise ImageError(f"a NeMo tag the EFA training image is built for: {', '.join(TRAINING_IMAGES)} "
+                         "(images/training/Dockerfile and infra/images.py TRAINING_IMAGES); or set images.training "
+                         "to an EFA-ready image you build yourself")
+    return TRAINING_IMAGES[release]
+
+
+def training_repository_name(prefix: str) -> str:
+    return f"{prefix}-{TRAINING_REPOSITORY_SUFFIX}"

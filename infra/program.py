@@ -70,6 +70,15 @@ def build(cfg: StackConfig) -> dict[str, Any]:
             # Credentials come through the Pod Identity agent (an add-on); the chart's ServiceMonitor needs the
             # prometheus-operator CRDs when this stack installs them.
             depends_on=[addons, *monitoring_ready]))
+    training_image = None
+    if cfg.pipeline.efa.built_image_tag:
+        from infra.registry import TrainingImageRegistry, TrainingImageRegistryArgs
+
+        # Multi-node training needs NCCL over EFA, which the stock NeMo image cannot load: the stack keeps its own
+        # image, built by .github/workflows/training-image.yml or `make image`.
+        registry = TrainingImageRegistry(f"{prefix}-training-image", TrainingImageRegistryArgs(
+            prefix, cfg.pipeline.efa.built_image_tag, protect=cfg.storage.protect, tags=tags))
+        training_image = registry.image
 
     outputs: dict[str, Any] = {}
     if cfg.pipeline.enabled:
@@ -82,8 +91,10 @@ def build(cfg: StackConfig) -> dict[str, Any]:
             service_accounts=list(addons.service_accounts.values()), fsx_claim=addons.fsx_claim,
             training_operator=addons.training_operator, device_plugins=addons.device_plugins,
             training_nodes=node_groups[cfg.training_node_group], serving_nodes=node_groups[cfg.serving_node_group],
-            monitoring_ready=monitoring_ready))
+            monitoring_ready=monitoring_ready, training_image=training_image))
         outputs = {"runId": runconfig.run_id(cfg), "servingId": runconfig.serving_id(cfg)}
+    if training_image is not None:
+        outputs["trainingImage"] = training_image
 
     return {
         **outputs,

@@ -88,7 +88,11 @@ def test_training_job_shape_comes_from_the_plan(stack_synth):
         assert spec["restartPolicy"] == "OnFailure"
         pod = spec["template"]["spec"]
         [main] = pod["containers"]
-        assert main["name"] == "pytorch" and main["image"] == cfg.pipeline.nemo_image
+        assert main["name"] == "pytorch"
+        if cfg.pipeline.efa.multi_node:  # the stack's EFA image in its ECR repository (tests/test_efa.py)
+            assert main["image"].endswith(f"repositoryUrl>:{cfg.pipeline.efa.built_image_tag}")
+        else:
+            assert main["image"] == cfg.pipeline.nemo_image
         script = main["command"][-1]
         args = shlex.split(script.split("exec ", 1)[1])
         assert args[0] == "torchrun"

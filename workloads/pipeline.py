@@ -16,8 +16,8 @@ import pulumi_kubernetes as k8s
 from infra import catalog
 from infra.config import StackConfig
 from infra.identity import WORKLOADS
-from workloads import (conversion, evaluation, gatekeeper, network_policy, observability, pods, runconfig, serving,
-                       training)
+from workloads import (conversion, evaluation, fabric, gatekeeper, network_policy, observability, pods, runconfig,
+                       serving, training)
 
 ENTRYPOINTS = Path(__file__).parent / "entrypoints"
 NETWORK_POLICY = "network_policy:"  # role prefix of the namespace's NetworkPolicies in manifests()
@@ -61,8 +61,9 @@ def names(cfg: StackConfig) -> Names:
                  conversion_job=f"convert-{run}-{serving_hash}", serving_configmap=f"serve-{run}-{serving_hash}")
 
 
-def manifests(cfg: StackConfig) -> dict[str, dict[str, Any]]:
-    """Every pipeline manifest of the stack, by role (without the secrets, whose data only Pulumi holds)."""
+def manifests(cfg: StackConfig, training_image: Any = None) -> dict[str, dict[str, Any]]:
+    """Every pipeline manifest of the stack, by role (without the secrets, whose data only Pulumi holds).
+    ``training_image``: the reference of the stack's own EFA training image, when it builds one."""
     n, paths = names(cfg), runconfig.run_paths(cfg)
     plan, pipeline, ns = cfg.sizing, cfg.pipeline, cfg.namespace
     training_instance = plan.request.instance
@@ -72,14 +73,16 @@ def manifests(cfg: StackConfig) -> dict[str, dict[str, Any]]:
     build_gpus = plan.serving.world_size if pipeline.serving_backend == "engine" else 0
     faults = pipeline.fault_tolerance
     training_spec = training.TrainingSpec(
-        name=n.training_job, namespace=ns, run_id=run, image=pipeline.nemo_image, instance=training_instance,
+        name=n.training_job, namespace=ns, run_id=run, image=fabric.training_image(cfg, training_image),
+        instance=training_instance,
         nodes=plan.parallelism.nodes, node_group=cfg.training_node_group,
         service_account=WORKLOADS["training"].service_account, run_configmap=n.training_configmap,
         prepared_marker=str(paths.prepared_marker),
         ngc_pull_secret=pipeline.ngc_api_key is not None, hf_token=pipeline.hf_token is not None,
         await_completion=pipeline.wait_for_completion, worker_restarts=faults.worker_restarts,
         pod_restarts=faults.pod_restarts, nccl_timeout_seconds=faults.nccl_timeout_seconds,
-        rendezvous_timeout_seconds=faults.rendezvous_timeout_seconds)
+        rendezvous_timeout_seconds=faults.rendezvous_timeout_seconds,
+        efa=fabric.preflight(cfg, paths, run))
     evaluate = pipeline.evaluation.enabled
     # Conversion waits for the evaluation's verdict when there is one, else for training; and fails with it.
     upstream_marker = paths.evaluation_marker if evaluate else paths.training_marker
@@ -148,6 +151,7 @@ class PipelineArgs:
     training_nodes: pulumi.Resource
     serving_nodes: pulumi.Resource
     monitoring_ready: Sequence[pulumi.Resource] = ()  # the prometheus-operator CRDs, when this stack installs them
+    training_image: Any = None  # the stack's EFA training image in its ECR repository (infra/registry.py), if any
 
 
 class Pipeline(pulumi.ComponentResource):
@@ -160,7 +164,7 @@ class Pipeline(pulumi.ComponentResource):
     def __init__(self, name: str, args: PipelineArgs, opts: pulumi.ResourceOptions | None = None):
         super().__init__("nemo-eks:workloads:Pipeline", name, None, opts)
         cfg = args.config
-        m = manifests(cfg)
+        m = manifests(cfg, args.training_image)
         timeouts = pulumi.CustomTimeouts(create=f"{cfg.pipeline.timeout_minutes}m",
                                          update=f"{cfg.pipeline.timeout_minutes}m") if cfg.pipeline.wait_for_completion else None
 

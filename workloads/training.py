@@ -6,7 +6,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from infra.catalog import InstanceType
-from workloads import pods
+from workloads import fabric, pods
 from workloads.observability import TRAINING_METRICS_PORT
 from workloads.entrypoints.layout import ENTRYPOINTS_DIR, NCCL_TIMEOUT_ENV, RUN_CONFIG_FILE
 
@@ -47,11 +47,13 @@ class TrainingSpec:
     pod_restarts: int = 3
     nccl_timeout_seconds: int = 1800
     rendezvous_timeout_seconds: int = 1800
+    efa: fabric.EfaPreflight | None = None  # multi-node EFA runs: checks before torchrun (workloads/fabric.py)
 
 
 def torchrun_command(spec: TrainingSpec) -> list[str]:
     """c10d rendezvous at the master's Service (MASTER_ADDR/MASTER_PORT come from the training operator);
-    one process per GPU. The EFA libraries go on the library path first, or NCCL falls back to sockets.
+    one process per GPU. The EFA libraries go on the library path first, or NCCL falls back to sockets; a
+    multi-node run checks EFA (and its fabric) first and stops there if NCCL would not run over it.
 
     ``--max-restarts``: when a rank fails, torchrun's agent stops the node's ranks and starts them again in a
     new rendezvous round, in the same container (the restart count of the pod does not move); the agents of
@@ -65,6 +67,7 @@ def torchrun_command(spec: TrainingSpec) -> list[str]:
     gpus = spec.instance.gpus
     script = (
         f"export LD_LIBRARY_PATH={pods.EFA_LIBRARY_PATH}:${{LD_LIBRARY_PATH:-}} && "
+        f"{spec.efa.script() if spec.efa else ''}"
         f"exec torchrun --nnodes={spec.nodes} --nproc-per-node={gpus} --rdzv-backend=c10d "
         f"--rdzv-endpoint=${{MASTER_ADDR}}:${{MASTER_PORT}} --rdzv-id={spec.run_id} "
         f"--rdzv-conf=join_timeout={spec.rendezvous_timeout_seconds} --max-restarts={spec.worker_restarts} "
@@ -100,7 +103,7 @@ def _pod_template(spec: TrainingSpec, role: str) -> dict[str, Any]:
         "name": "pytorch",  # the training operator injects its rendezvous environment into this container
         "image": spec.image,
         "command": torchrun_command(spec),
-        "env": pods.env(env, hf_token=spec.hf_token),
+        "env": pods.env({**env, **(spec.efa.env() if spec.efa else {})}, hf_token=spec.hf_token),
         "ports": [{"name": "pytorchjob-port", "containerPort": MASTER_PORT},
                   # Global rank 0 serves training metrics here (PodMonitor of the metrics stack).
                   {"name": "metrics", "containerPort": TRAINING_METRICS_PORT}],
