@@ -44,6 +44,10 @@ GPU_PEAK_TFLOPS: Mapping[str, Mapping[str, float]] = MappingProxyType({
     "H200": MappingProxyType({"bf16": 989.0, "fp8": 1979.0}),
 })
 
+# NVLink bandwidth per GPU in GB/s, both directions together, from NVIDIA's datasheets: A100 SXM 600, H100 SXM
+# and H200 SXM 900 (fourth-generation NVLink). Tensor-parallel traffic stays on it (TP never leaves a node).
+GPU_NVLINK_GB_S: Mapping[str, float] = MappingProxyType({"A100": 600.0, "H100": 900.0, "H200": 900.0})
+
 
 @dataclass(frozen=True)
 class FabricFloor:
@@ -95,6 +99,7 @@ class InstanceType:
     gpu_arch: str | None  # "ampere" | "hopper"
     network_cards: int  # MaximumNetworkCards
     efa_interfaces: int  # MaximumEfaInterfaces (0 = no EFA)
+    network_gbps: int  # sum of NetworkCards[].PeakBandwidthInGbps: what data-parallel traffic between nodes gets
     nvme_disks: int  # instance-store disk count
     nvme_disk_gb: int  # size of each disk, in GB as the API reports it
     on_demand_usd_per_hour: float  # Linux, PRICE_REGION, as of PRICE_DATE
@@ -118,21 +123,21 @@ class InstanceType:
 
 
 def _gpu(name, vcpus, memory_gib, gpu_model, gpu_memory_gib, gpu_arch, network_cards,
-         efa_interfaces, nvme_disk_gb, price):
+         efa_interfaces, network_gbps, nvme_disk_gb, price):
     # Every GPU type here has 8 GPUs and 8 NVMe disks, so those two are fixed here.
     return InstanceType(name, vcpus, memory_gib, 8, gpu_model, gpu_memory_gib, gpu_arch,
-                        network_cards, efa_interfaces, 8, nvme_disk_gb, price)
+                        network_cards, efa_interfaces, network_gbps, 8, nvme_disk_gb, price)
 
 
 def _cpu(name, vcpus, memory_gib, price):
     # m7i is EBS-only with a single network card: no GPU, no EFA, no instance store.
-    return InstanceType(name, vcpus, memory_gib, 0, None, 0, None, 1, 0, 0, 0, price)
+    return InstanceType(name, vcpus, memory_gib, 0, None, 0, None, 1, 0, 0, 0, 0, price)
 
 
 _ALL = (
-    _gpu("p4d.24xlarge", 96, 1152, "A100", 40, "ampere", 4, 4, 1000, 21.957642),
-    _gpu("p4de.24xlarge", 96, 1152, "A100", 80, "ampere", 4, 4, 1000, 27.44705),
-    _gpu("p5.48xlarge", 192, 2048, "H100", 80, "hopper", 32, 32, 3800, 55.04),
+    _gpu("p4d.24xlarge", 96, 1152, "A100", 40, "ampere", 4, 4, 400, 1000, 21.957642),
+    _gpu("p4de.24xlarge", 96, 1152, "A100", 80, "ampere", 4, 4, 400, 1000, 27.44705),
+    _gpu("p5.48xlarge", 192, 2048, "H100", 80, "hopper", 32, 32, 3200, 3800, 55.04),
     # p5e price: we could not confirm a Linux On-Demand price for p5e. AWS sells it through Capacity Blocks,
     # and its Price List entries are CapacityBlock terms only (skypilot-org/skypilot#4657).
     # moto's DescribeInstanceTypeOfferings snapshot does not offer p5e in us-east-1 at all
@@ -142,10 +147,10 @@ _ALL = (
     # https://www.itpro.com/cloud/cloud-computing/aws-amazon-ec2-capacity-blocks-price-increase
     # It is what a p5e hour actually costs, but it is not an On-Demand price, and AWS reprices
     # Capacity Blocks every quarter. Treat this number as an estimate.
-    _gpu("p5e.48xlarge", 192, 2048, "H200", 141, "hopper", 32, 32, 3800, 39.80),
+    _gpu("p5e.48xlarge", 192, 2048, "H200", 141, "hopper", 32, 32, 3200, 3800, 39.80),
     # p5en price: us-east-1 On-Demand from the AWS Price List, as shown by `dstack offer`
     # on 2026-08-06 (dstackai/dstack#4110). This is the post-cut figure: the June 2025 cut took up to 26% off P5en.
-    _gpu("p5en.48xlarge", 192, 2048, "H200", 141, "hopper", 16, 16, 3800, 63.296),
+    _gpu("p5en.48xlarge", 192, 2048, "H200", 141, "hopper", 16, 16, 3200, 3800, 63.296),
     # m7i: us-east-1 Price List figures. m7i.large costs $0.1008 and the price scales linearly with size.
     # Several public price tables agree on these numbers. The 2025 cut applied only to GPU types.
     _cpu("m7i.xlarge", 4, 16, 0.2016),

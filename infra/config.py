@@ -128,6 +128,7 @@ KEYS: tuple[Key, ...] = (
     Key("training.nodes", "integer", Derived("planned"), f"1..{sizing.MAX_NODES}, a count that fits", "Fix the number of training nodes; unset lets the planner choose the fewest that fit."),
     Key("training.tp", "integer", Derived("planned"), "1, 2, 4, 8 dividing the attention and KV heads", "Fix tensor parallelism."),
     Key("training.pp", "integer", Derived("planned"), "a count that splits the layers evenly", "Fix pipeline parallelism."),
+    Key("training.vp", "integer", Derived("planned"), "1, or > 1 with PP > 1, dividing each stage's layers, micro-batches per step a multiple of PP", "Fix virtual pipeline (interleaved) stages per pipeline rank (NeMo's virtual_pipeline_model_parallel_size); 1 turns interleaving off."),
     Key("training.nodeGroup", "string", Derived("the first GPU group"), "a gpuNodeGroups name", "GPU node group the training job runs on; its instance type is the plan's."),
     Key("serving.tp", "integer", Derived("planned"), "1, 2, 4, 8 within one node, fitting the engine", "Fix the engine's and Triton's tensor parallelism."),
     Key("serving.maxSeqLength", "integer", Derived("training.seqLength"), "128..the model's maximum", "Longest sequence (prompt plus output) the engine serves."),
@@ -817,7 +818,7 @@ def check_training_numbers(model: sizing.ModelSpec, numbers: Mapping[str, Any], 
 _SIZING_KEYS = {"method": "training.method", "precision": "training.precision", "seq_length": "training.seqLength",
                 "global_batch_size": "training.globalBatchSize", "micro_batch_size": "training.microBatchSize",
                 "lora_rank": "training.loraRank", "epochs": "training.epochs", "tp": "training.tp",
-                "pp": "training.pp", "nodes": "training.nodes"}
+                "pp": "training.pp", "vp": "training.vp", "nodes": "training.nodes"}
 
 
 @dataclass(frozen=True)
@@ -858,6 +859,8 @@ def _load_model_and_plan(root: _Section, drafts: Sequence[_GroupDraft]) -> _Work
     numbers = {name: t.get(name) for name in TRAINING_NUMBERS}
     check_training_numbers(model, numbers, t.where)
     seq_length, micro, global_batch, rank, dataset_tokens, epochs, nodes, tp, pp = numbers.values()
+    vp = t.get("vp")  # a stack-config key only: the sizing CLI's flags stay as they are
+    _check_fixed_count(t.where, "vp", vp)
     max_steps = t.get("maxSteps")
     if max_steps is None:
         max_steps = math.ceil(dataset_tokens * epochs / (global_batch * seq_length)) if dataset_tokens else 1000
@@ -880,7 +883,7 @@ def _load_model_and_plan(root: _Section, drafts: Sequence[_GroupDraft]) -> _Work
 
     request = sizing.TrainingRequest(
         model, method, instance, precision, seq_length, micro, global_batch, rank, dataset_tokens, epochs,
-        nodes, tp, pp, serving_tp=serving_tp, serving_max_seq_length=serving_seq)
+        nodes, tp, pp, vp, serving_tp=serving_tp, serving_max_seq_length=serving_seq)
     try:
         plan = sizing.plan(request)
     except sizing.SizingError as error:
@@ -893,7 +896,7 @@ def _load_model_and_plan(root: _Section, drafts: Sequence[_GroupDraft]) -> _Work
                        reasons=tuple(r for r in plan.reasons if r != plan.serving.reason)
                        + (() if serving.fits else (serving.reason,)))
     if not plan.memory.fits:
-        fixed = [(n, val) for n, val in (("nodes", nodes), ("tp", tp), ("pp", pp)) if val]
+        fixed = [(n, val) for n, val in (("nodes", nodes), ("tp", tp), ("pp", pp), ("vp", vp)) if val]
         where, value = (t.where(fixed[0][0]), fixed[0][1]) if fixed else (t.where("method"), method)
         if not fixed:
             index = names.index(training_group)

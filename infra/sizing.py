@@ -113,77 +113,129 @@ def model_for(variant: str, preset: str | None = None) -> ModelSpec:
 # Usable share of GPU memory: the CUDA context, NCCL buffers and allocator fragmentation take the rest.
 MEMORY_HEADROOM = 0.10
 
-# Bytes per parameter of mixed-precision training with Adam in Megatron-Core: 16-bit weights (2), fp32
-# gradients (4), and fp32 master weights + Adam moments (12), the last sharded over the data-parallel ranks
-# by the distributed optimizer: 6 + 12/d (Megatron-Core developer guide, "Distributed Optimizer";
-# Megatron-Bridge docs/training/memory-estimator.md). FP8 training keeps these in bf16/fp32 too.
+# Memory-relevant settings the training pods run with (finetune.py applies them from run.json), taken from NVIDIA's
+# tuned Llama 3 fine-tuning recipes (Megatron-Bridge src/megatron/bridge/perf_recipes/llama/h100/llama3.py at
+# 067f987d: every SFT and LoRA recipe sets ddp.grad_reduce_in_fp32 = False and
+# model.disable_parameter_transpose_cache = True). The memory model below assumes them; without them the tuned
+# layouts do not fit 80 GB.
+GRAD_REDUCE_IN_FP32 = False
+DISABLE_PARAMETER_TRANSPOSE_CACHE = True
+
+# Bytes per parameter of mixed-precision training with Adam in Megatron-Core: 16-bit weights (2), the gradient
+# buffer (4 in fp32, 2 in bf16: Megatron-Core megatron/core/distributed/distributed_data_parallel.py groups buffers
+# by grad dtype from ddp_config.grad_reduce_in_fp32), and fp32 master weights + Adam moments (12), the last sharded
+# over the data-parallel (x context-parallel) ranks by the distributed optimizer: Megatron-Core's own accounting,
+# megatron/training/theoretical_memory_usage.py (Megatron-LM d98e8a64), ``6 + 12 / data_parallel_size`` with
+# fp32 gradients.
 WEIGHT_BYTES = 2
-GRAD_BYTES = 4
+GRAD_BYTES = 4 if GRAD_REDUCE_IN_FP32 else 2
 OPTIMIZER_BYTES = 12
-# FP8 training: Transformer Engine keeps an FP8 copy of each weight for the forward GEMM and a transposed
-# one for the backward (Hopper's FP8 GEMMs need both layouts; TE docs, "FP8 primer: handling transposes"),
-# next to the 16-bit weights, for frozen LoRA bases too.
-FP8_WEIGHT_COPY_BYTES = 2
+# FP8 SFT runs with fp8_param_gather (finetune.py): Megatron keeps the compute weights in FP8 itself ("Keep the
+# compute param in fp8 (do not use any other intermediate dtype)", megatron/training/arguments.py --fp8-param-gather),
+# the fp32 master copy living in the optimizer state. With the transpose cache disabled no second FP8 copy persists.
+FP8_PARAM_BYTES = 1 if DISABLE_PARAMETER_TRANSPOSE_CACHE else 2
+# FP8 LoRA keeps its frozen base in 16 bits. Transformer Engine casts each weight to FP8 per GEMM; only with the
+# parameter transpose cache on does Megatron pass is_first_microbatch to TE, which then keeps the FP8 weight and
+# its transpose between micro-batches (megatron/core/extensions/transformer_engine.py: ``None if
+# self.disable_parameter_transpose_cache else self.is_first_microbatch``).
+FP8_WEIGHT_CACHE_BYTES = 0 if DISABLE_PARAMETER_TRANSPOSE_CACHE else 2
 # LoRA adapters train with the plain (unsharded) optimizer in NeMo's recipes (use_distributed_optimizer=False).
+# The frozen base gets no gradient buffer: Megatron's DDP skips parameters without requires_grad
+# (distributed_data_parallel.py, ``if not param.requires_grad: continue``).
 ADAPTER_BYTES = WEIGHT_BYTES + GRAD_BYTES + OPTIMIZER_BYTES
 # A NeMo distributed checkpoint stores 16-bit weights and the fp32 optimizer state (no gradients).
 CHECKPOINT_BYTES_PER_PARAM = WEIGHT_BYTES + OPTIMIZER_BYTES
 
 
+# ---------------------------------------------------------------------------------------------------------
+# NVIDIA's published fine-tuning runs: the tuned layouts the planner picks, and the measurements its throughput
+# model is fitted to. The one table of them.
+
+_BRIDGE_COMMIT = "067f987df03b8355b03192d88d70f1709fedf51a"
+_BRIDGE_RECIPES = f"NVIDIA-NeMo/Megatron-Bridge src/megatron/bridge/perf_recipes/llama/h100/llama3.py @ {_BRIDGE_COMMIT[:8]}"
+_BRIDGE_2606 = (f"NVIDIA-NeMo/Megatron-Bridge docs/performance-summary-archive.md, 26.06 NeMo Container "
+                f"@ {_BRIDGE_COMMIT[:8]}")
+_NEMO_2407 = ("NVIDIA/NeMo docs/source/performance/performance_summary.md @ 8e3d65dc (NeMo 24.07, DGX-H100, "
+              "SQuAD packed to 4096)")
+_DGXC_2412 = ("NVIDIA/dgxc-benchmarking llama3/finetuning/README_8b.md, README_70b.md @ 8f5cbb37 "
+              "(nvcr.io/nvidia/nemo:24.12, DGX-H100)")
+
+
 @dataclass(frozen=True)
-class PublishedThroughput:
-    model: str  # MODELS key with the same architecture
+class PublishedRun:
+    """One published fine-tuning configuration on DGX-H100 (8 GPUs per node, 8 x 400 Gb/s InfiniBand: the same
+    GPUs and per-node network bandwidth as p5.48xlarge's 3,200 Gb/s of EFA)."""
+
+    model: str  # MODELS key with the same architecture (Llama 3 and 3.1 share it)
     method: str
     precision: str
     gpu_model: str
     gpus: int
-    tokens_per_sec_per_gpu: float
+    tp: int
+    pp: int
+    cp: int
+    vp: int | None  # None: not published (modelled without interleaving)
+    recompute: str
+    micro_batch_size: int
+    global_batch_size: int
+    seq_length: int
+    tokens_per_sec_per_gpu: float | None  # None: a tuned recipe without a published measurement
     source: str
+    tuned: bool = False  # a tuned layout the planner must pick for this model, method, precision, GPU and count
+    fits_here: bool = True  # False: the run needs more than this memory model allows (see ``note``)
+    note: str = ""
+
+    @property
+    def vp_size(self) -> int:
+        return self.vp or 1
 
 
-_NEMO_2407 = "NVIDIA/NeMo docs/source/performance/performance_summary.md (NeMo 24.07, DGX-H100, packed seq 4096)"
-_DGXC_2412 = "NVIDIA/dgxc-benchmarking ft_llama3/README_8b.md, README_70b.md (nvcr.io/nvidia/nemo:24.12, seq 4096)"
-_BRIDGE_2606 = "NVIDIA-NeMo/Megatron-Bridge docs/performance-summary-archive.md (26.06, seq 4096)"
-# NVIDIA's published fine-tuning throughput on H100 SXM, the points the efficiency figures are fitted to.
-PUBLISHED: tuple[PublishedThroughput, ...] = (
-    PublishedThroughput("llama2-7b", "sft", "fp8", "H100", 8, 16891, _NEMO_2407),
-    PublishedThroughput("llama2-13b", "sft", "fp8", "H100", 8, 10176, _NEMO_2407),
-    PublishedThroughput("llama2-70b", "sft", "fp8", "H100", 16, 1816, _NEMO_2407),
-    PublishedThroughput("llama2-7b", "lora", "fp8", "H100", 8, 24824, _NEMO_2407),
-    PublishedThroughput("llama2-13b", "lora", "fp8", "H100", 8, 14629, _NEMO_2407),
-    PublishedThroughput("llama2-70b", "lora", "fp8", "H100", 8, 2621, _NEMO_2407),
-    PublishedThroughput("llama31-8b", "sft", "bf16", "H100", 8, 12412, _DGXC_2412),
-    PublishedThroughput("llama31-8b", "sft", "fp8", "H100", 8, 17246, _DGXC_2412),
-    PublishedThroughput("llama31-8b", "lora", "bf16", "H100", 8, 17809, _DGXC_2412),
-    PublishedThroughput("llama31-8b", "lora", "fp8", "H100", 8, 24094, _DGXC_2412),
-    PublishedThroughput("llama31-70b", "sft", "bf16", "H100", 32, 1219, _DGXC_2412),
-    PublishedThroughput("llama31-70b", "sft", "fp8", "H100", 32, 1812, _DGXC_2412),
-    PublishedThroughput("llama31-70b", "lora", "bf16", "H100", 8, 1797, _DGXC_2412),
-    PublishedThroughput("llama31-70b", "lora", "fp8", "H100", 8, 2521, _DGXC_2412),
-    PublishedThroughput("llama31-70b", "sft", "fp8", "H100", 32, 1638, _BRIDGE_2606),
-    PublishedThroughput("llama31-70b", "lora", "fp8", "H100", 8, 2643, _BRIDGE_2606),
+def _run(model, method, precision, gpus, tp, pp, vp, tokens, source, *, gbs=32, recompute="none", tuned=False,
+         fits_here=True, note=""):
+    return PublishedRun(model, method, precision, "H100", gpus, tp, pp, 1, vp, recompute, 1, gbs, 4096, tokens,
+                        source, tuned, fits_here, note)
+
+
+PUBLISHED: tuple[PublishedRun, ...] = (
+    # The tuned layouts: Megatron-Bridge's H100 performance recipes for Llama 3 fine-tuning (seq 4096, MBS 1,
+    # GBS 32), with the tokens/s/GPU of the 26.06 performance summary where it publishes one.
+    _run("llama31-8b", "sft", "bf16", 8, 1, 1, None, None, _BRIDGE_RECIPES, tuned=True),
+    _run("llama31-8b", "sft", "fp8", 8, 1, 1, None, None, _BRIDGE_RECIPES, tuned=True),
+    _run("llama31-70b", "sft", "bf16", 32, 4, 4, 5, None, _BRIDGE_RECIPES, tuned=True),
+    _run("llama31-70b", "sft", "fp8", 32, 4, 4, 5, 1638, f"{_BRIDGE_RECIPES}; {_BRIDGE_2606}", tuned=True),
+    # recompute_granularity full, method block, 1 layer per virtual stage: with 80 layers / (PP4 x VP20) = 1 layer
+    # per stage that recomputes every layer, the same as the uniform one-layer recompute finetune.py sets.
+    _run("llama31-70b", "lora", "bf16", 8, 1, 4, 20, None, _BRIDGE_RECIPES, recompute="full", tuned=True,
+         note="LoRA on linear_qkv only in the recipe; the product adapts all four projections"),
+    _run("llama31-70b", "lora", "fp8", 8, 2, 4, 20, 2643, f"{_BRIDGE_RECIPES}; {_BRIDGE_2606}", tuned=True,
+         note="LoRA on linear_qkv only in the recipe; the product adapts all four projections"),
+    # Earlier measurements: the throughput model's other data points.
+    _run("llama2-7b", "sft", "fp8", 8, 1, 1, None, 16891, _NEMO_2407),
+    _run("llama2-13b", "sft", "fp8", 8, 1, 4, None, 10176, _NEMO_2407),
+    _run("llama2-70b", "sft", "fp8", 16, 4, 4, None, 1816, _NEMO_2407, fits_here=False,
+         note="DP 1: 4.3 B parameters per GPU need 77 GB for weights, gradients and Adam state alone under "
+              "Megatron-Core's 6 + 12/d bytes; NeMo 24.07 (NeMo 1, Apex optimizer) must have held its optimizer "
+              "state differently, so only its throughput is used"),
+    _run("llama2-7b", "lora", "fp8", 8, 1, 1, None, 24824, _NEMO_2407),
+    _run("llama2-13b", "lora", "fp8", 8, 1, 1, None, 14629, _NEMO_2407),
+    _run("llama2-70b", "lora", "fp8", 8, 2, 4, None, 2621, _NEMO_2407),
+    # dgxc-benchmarking prints "PP=41" for the 8B runs, a typo for PP=1 (8 GPUs, DP 8, GBS 32 = 4 micro-batches each).
+    *(_run("llama31-8b", method, precision, gpus, 1, 1, None, tokens / gpus, _DGXC_2412, gbs=4 * gpus)
+      for method, precision, by_gpus in (
+          ("sft", "bf16", ((8, 99296), (16, 198593), (32, 397184))),
+          ("sft", "fp8", ((8, 137970), (16, 273066), (32, 546133))),
+          ("lora", "bf16", ((8, 142469), (16, 284939), (32, 569878))),
+          ("lora", "fp8", ((8, 192752), (16, 385505), (32, 771011))))
+      for gpus, tokens in by_gpus),
+    _run("llama31-70b", "sft", "bf16", 32, 4, 4, 5, 39009 / 32, _DGXC_2412),
+    _run("llama31-70b", "sft", "fp8", 32, 4, 4, 5, 57996 / 32, _DGXC_2412),
+    *(_run("llama31-70b", "lora", precision, gpus, 2, 4, 20, tokens / gpus, _DGXC_2412, gbs=4 * gpus)
+      for precision, by_gpus in (("bf16", ((8, 14375), (16, 27887), (32, 53663))),
+                                 ("fp8", ((8, 20164), (16, 39125), (32, 68985))))
+      for gpus, tokens in by_gpus),
 )
-CALIBRATION_SEQ_LENGTH = 4096
-
-
-def published_efficiency(point: PublishedThroughput) -> float:
-    """Achieved model FLOP/s of a published run, with this module's FLOPs formula, over the dense peak."""
-    model_flops = point.tokens_per_sec_per_gpu * flops_per_token(MODELS[point.model], CALIBRATION_SEQ_LENGTH, point.method)
-    return model_flops / (catalog.GPU_PEAK_TFLOPS[point.gpu_model][point.precision] * 1e12)
-
-
-def _fit_efficiency() -> Mapping[tuple[str, str, str], float]:
-    """Efficiency per (GPU generation, precision, method): the mean over the published points. NVIDIA
-    publishes no NeMo Llama fine-tuning numbers on A100; Ampere takes Hopper's BF16 figures, in line with
-    NVIDIA's A100 BF16 GPT-3 pretraining at 48-54% of the 312 TFLOP/s peak (BigNLP-Scripts README, 7.1.2)."""
-    fitted: dict[tuple[str, str, str], float] = {}
-    for precision in PRECISIONS:
-        for method in METHODS:
-            points = [published_efficiency(p) for p in PUBLISHED if p.precision == precision and p.method == method]
-            fitted[("hopper", precision, method)] = round(sum(points) / len(points), 3)
-    for method in METHODS:
-        fitted[("ampere", "bf16", method)] = fitted[("hopper", "bf16", method)]
-    return MappingProxyType(fitted)
+TUNED: tuple[PublishedRun, ...] = tuple(r for r in PUBLISHED if r.tuned)
+MEASURED: tuple[PublishedRun, ...] = tuple(r for r in PUBLISHED if r.tokens_per_sec_per_gpu is not None)
 
 
 # LoRA freezes the base: the weight-gradient GEMMs of frozen layers are skipped, so they cost 2/3 of a full
@@ -226,6 +278,7 @@ class TrainingRequest:
     nodes: int | None = None
     tp: int | None = None
     pp: int | None = None
+    vp: int | None = None
     checkpoints_kept: int = 2  # NeMo ModelCheckpoint save_top_k; one more ("last") is kept besides
     serving_tp: int | None = None
     serving_max_seq_length: int | None = None
@@ -240,6 +293,7 @@ class Parallelism:
     nodes: int
     gpus_per_node: int
     recompute: str  # "none" | "full" (activation recomputation of every layer)
+    vp: int = 1  # virtual pipeline stages per pipeline rank (interleaved 1F1B); 1 = not interleaved
 
     @property
     def gpus(self) -> int:
@@ -254,7 +308,8 @@ class Parallelism:
         return self.tp > 1  # Megatron's sequence parallelism only applies with TP
 
     def describe(self) -> str:
-        parts = [f"TP{self.tp}", f"PP{self.pp}"] + ([f"CP{self.cp}"] if self.cp > 1 else []) + [f"DP{self.dp}"]
+        parts = [f"TP{self.tp}", f"PP{self.pp}"] + ([f"VP{self.vp}"] if self.vp > 1 else []) + \
+            ([f"CP{self.cp}"] if self.cp > 1 else []) + [f"DP{self.dp}"]
         return " x ".join(parts)
 
 
@@ -354,6 +409,8 @@ class SizingPlan:
     serving: ServingPlan
     evaluation: EvaluationPlan
     nearest: str = ""  # a working setting, when this one does not fit
+    tuned: PublishedRun | None = None  # NVIDIA's tuned layout this plan uses, if one matches the request
+    step_seconds: float = 0.0  # estimated time of one global batch
 
     @property
     def model(self) -> ModelSpec:
@@ -378,7 +435,11 @@ class SizingPlan:
                             "sequence_parallel": self.parallelism.sequence_parallel},
             "memory_gib": self.memory.gib(),
             "memory_bytes": {**asdict(self.memory), "total": self.memory.total},
+            "tuned": None if self.tuned is None else {
+                "source": self.tuned.source, "measured_tokens_per_sec_per_gpu": self.tuned.tokens_per_sec_per_gpu,
+                "global_batch_size": self.tuned.global_batch_size},
             "throughput": {"flops_per_token": self.flops_per_token, "efficiency": self.efficiency,
+                           "step_seconds": round(self.step_seconds, 4), "estimate": True,
                            "tokens_per_sec_per_gpu": round(self.tokens_per_sec_per_gpu, 1),
                            "training_tokens": self.training_tokens, "hours": self.hours, "cost_usd": self.cost_usd,
                            "cost_per_billion_tokens_usd": round(self.cost_per_billion_tokens, 2),
@@ -412,52 +473,82 @@ def pipeline_split_valid(model: ModelSpec, pp: int) -> bool:
     return model.layers % pp == 0 or (model.layers + 2) % pp == 0
 
 
-def activation_bytes_per_token_per_layer(model: ModelSpec) -> int:
-    """16-bit activations one transformer layer keeps for its backward pass, per token, counted tensor by
-    tensor in the manner of Korthikanti et al. 2022 ("Reducing Activation Recomputation in Large Transformer
-    Models", arXiv:2205.05198, section 4.1), for a Llama layer with flash attention (no s x s scores kept):
-      attention: RMSNorm input 2h, QKV input 2h, Q 2h, K and V 4*kv_dim, attention output (proj input) 2h
-      MLP:       RMSNorm input 2h, fc1 input 2h, gate and up 4F, SwiGLU output (fc2 input) 2F
-    = 12h + 4*kv_dim + 6F bytes. With tensor and sequence parallelism every term is split t ways."""
-    return 12 * model.hidden + 4 * model.kv_dim + 6 * model.ffn
+def layers_per_pipeline_rank(model: ModelSpec, pp: int) -> int:
+    """What Megatron-Core divides by the virtual pipeline size: the layers of one pipeline rank, counting the
+    embedding and the loss as a layer each when the layers alone do not split (account_for_*_in_pipeline_split)."""
+    return model.layers // pp if model.layers % pp == 0 else (model.layers + 2) // pp
 
 
-def memory_breakdown(request: TrainingRequest, tp: int, pp: int, cp: int, dp: int, recompute: str) -> MemoryBreakdown:
+def virtual_pipeline_problem(model: ModelSpec, pp: int, vp: int, micro_batches: int) -> str:
+    """Why Megatron-Core would reject this interleaved layout ("" when it accepts it). Its rules:
+    - VP needs more than one pipeline stage (a single stage has nothing to interleave);
+    - each pipeline rank's layers must divide into VP chunks (megatron/core/transformer/transformer_config.py,
+      "number of layers on each pipeline rank ... must be divisible by virtual_pipeline_model_parallel_size");
+    - the interleaved schedule runs micro-batches in groups of microbatch_group_size_per_vp_stage, which defaults
+      to PP (megatron/core/model_parallel_config.py), and requires PP <= micro-batches with a remainder of 0 or
+      at least PP (megatron/core/pipeline_parallel/schedules.py): with groups of PP, a multiple of PP."""
+    if vp <= 1:
+        return ""
+    if pp <= 1:
+        return f"virtual pipeline size {vp} needs pipeline parallelism (PP > 1); PP is {pp}"
+    per_rank = layers_per_pipeline_rank(model, pp)
+    if per_rank % vp:
+        allowed = [v for v in range(2, per_rank + 1) if per_rank % v == 0]
+        return (f"virtual pipeline size {vp} must divide the {per_rank} layers of each of the {pp} pipeline stages "
+                f"({model.display}); allowed: {', '.join(map(str, allowed)) or 'none'}")
+    if micro_batches < pp or micro_batches % pp:
+        return (f"virtual pipeline size {vp} needs the micro-batches per step ({micro_batches}: global batch / "
+                f"(micro-batch x data parallel)) to be a multiple of PP {pp}")
+    return ""
+
+
+def activation_bytes_per_token_per_layer(model: ModelSpec) -> float:
+    """16-bit activations one transformer layer keeps for its backward pass, per token: Megatron-Core's own
+    accounting, h x (18 + 4 F / h) bytes (megatron/training/theoretical_memory_usage.py,
+    compute_activation_memory, after Korthikanti et al. 2022, arXiv:2205.05198, Table 2, with flash attention
+    keeping no s x s scores). Tensor and sequence parallelism split it t ways."""
+    return model.hidden * (18 + 4 * model.ffn / model.hidden)
+
+
+def memory_breakdown(request: TrainingRequest, tp: int, pp: int, cp: int, dp: int, recompute: str,
+                     vp: int = 1) -> MemoryBreakdown:
     model, instance = request.model, request.instance
     layers_here = stage_layers(model, pp)
     # The first stage holds the input embedding, the last the output layer; with one stage, both.
     embedding_here = model.embedding_params * (2 if pp == 1 else 1)
     params_here = (layers_here * model.params_per_layer + embedding_here) // tp
 
-    weight_bytes = WEIGHT_BYTES + (FP8_WEIGHT_COPY_BYTES if request.precision == "fp8" else 0)
     if request.method == "sft":
-        weights = params_here * weight_bytes
+        weights = params_here * (FP8_PARAM_BYTES if request.precision == "fp8" else WEIGHT_BYTES)
         gradients = params_here * GRAD_BYTES
         optimizer = params_here * OPTIMIZER_BYTES // (dp * cp)  # distributed optimizer
         adapters = 0
     else:
-        weights = params_here * weight_bytes  # frozen base: weights only
+        # frozen base: weights only, no gradient buffer
+        weights = params_here * (WEIGHT_BYTES + (FP8_WEIGHT_CACHE_BYTES if request.precision == "fp8" else 0))
         gradients = optimizer = 0
         adapters = layers_here * model.lora_params_per_layer(request.lora_rank) // tp * ADAPTER_BYTES
 
     tokens = request.seq_length * request.micro_batch_size // cp  # tokens per micro-batch on this GPU
-    per_layer = activation_bytes_per_token_per_layer(model) * tokens // tp
-    # With 1F1B the first stage keeps pp micro-batches in flight: pp x (layers/pp) = all layers' worth
-    # (Korthikanti et al. 2022, section 4.2.3), or fewer when there are fewer micro-batches than stages.
+    per_layer = int(activation_bytes_per_token_per_layer(model) * tokens) // tp
+    layer_input = 2 * model.hidden * tokens // tp  # what full recompute keeps of each layer
+    # Megatron-Core's accounting for the first stage (compute_activation_memory): with 1F1B it holds PP
+    # micro-batches of its layers/PP layers in flight, all layers' worth; fewer when a step has fewer
+    # micro-batches than stages; interleaving (VP) adds a factor 1 + (PP - 1) / (PP x VP).
     micro_batches = request.global_batch_size // (request.micro_batch_size * dp)
-    in_flight = min(pp, max(1, micro_batches))
-    if recompute == "full":
-        # Only each layer's input is kept; one layer's activations are rebuilt at a time in backward.
-        layer_input = 2 * model.hidden * tokens // tp
-        activations = layer_input * layers_here * in_flight + per_layer
+    if vp > 1:
+        in_flight = pp * (1 + (pp - 1) / (pp * vp))
     else:
-        activations = per_layer * layers_here * in_flight
-    # fp32 logits for the loss on the last stage: s x b x V x 4 bytes, split over TP.
-    logits = 4 * tokens * model.vocab // tp
+        in_flight = min(pp, max(1, micro_batches))
+    kept_per_layer = layer_input if recompute == "full" else per_layer
+    # With full recompute one layer's activations are rebuilt at a time in the backward pass.
+    activations = int(kept_per_layer * layers_here * in_flight) + (per_layer if recompute == "full" else 0)
+    # Inputs of the output layer and the fp32 cross-entropy: s x b x h x 4 x (1 + V / h) (the same accounting),
+    # on the last stage.
+    logits = int(tokens * model.hidden * 4 * (1 + model.vocab / model.hidden)) // tp
     if pp > 1:
-        # Worst stage: the first (most micro-batches in flight) or the last (logits, one in flight).
-        last_stage = per_layer * layers_here + logits if recompute != "full" else \
-            2 * model.hidden * tokens // tp * layers_here + per_layer + logits
+        # Worst stage: the first (most micro-batches in flight) or the last (logits, one micro-batch in flight).
+        last_stage = kept_per_layer * layers_here + (per_layer if recompute == "full" else 0) + logits
         if last_stage > activations:
             activations, logits = last_stage - logits, logits
         else:
@@ -483,14 +574,153 @@ def flops_per_token(model: ModelSpec, seq_length: int, method: str) -> float:
     return dense + attention
 
 
-EFFICIENCY = _fit_efficiency()
-
-
 def recompute_overhead(recompute: str, method: str) -> float:
     """Full recomputation runs every layer's forward a second time. A full step is three forward-sized passes
     (forward, input gradients, weight gradients); a LoRA step skips the frozen weight gradients, so two."""
     passes = 3 if method == "sft" else 2
     return (passes + 1) / passes if recompute == "full" else 1.0
+
+
+@dataclass(frozen=True)
+class ThroughputFit:
+    """The throughput model's two kinds of fitted figures: the share of the dense Tensor Core peak the GEMMs
+    reach, per (precision, method), and the share of tensor- and pipeline-parallel communication that the
+    overlap (tp_comm_overlap, overlapped P2P) leaves exposed. Everything else is computed from the layout."""
+
+    efficiency: Mapping[tuple[str, str], float]
+    comm_exposed: float
+
+
+# A published DGX-H100 run is modelled on p5.48xlarge: the same 8 H100 SXM per node and the same 3,200 Gb/s
+# per node between nodes (DGX-H100: 8 x 400 Gb/s ConnectX-7; p5: 3,200 Gb/s of EFA).
+_PUBLISHED_INSTANCE = "p5.48xlarge"
+_COMM_EXPOSED_GRID = tuple(i / 20 for i in range(21))
+
+
+def _link_bytes_per_second(instance: InstanceType, ranks_apart: int, group_size: int) -> float:
+    """Bandwidth one GPU gets to the next rank of a group whose ranks are ``ranks_apart`` apart (Megatron orders
+    ranks TP, CP, DP, PP, TP fastest): NVLink (one direction) inside a node; between nodes, the instance's network
+    bandwidth shared by the node's GPUs, each group using the share of the NICs its members on the node own."""
+    nvlink = catalog.GPU_NVLINK_GB_S[instance.gpu_model] / 2 * 1e9
+    if ranks_apart * group_size <= instance.gpus:
+        return nvlink
+    members_per_node = max(1, instance.gpus // ranks_apart)
+    return min(nvlink, instance.network_gbps / 8 * 1e9 * members_per_node / instance.gpus)
+
+
+def step_seconds(model: ModelSpec, method: str, precision: str, instance: InstanceType, par: Parallelism,
+                 seq_length: int, micro_batch_size: int, global_batch_size: int, fit: ThroughputFit | None = None,
+                 lora_rank: int = 16, overlap_data_parallel: bool = False) -> float:
+    """Estimated seconds per global batch of this layout. Per micro-batch and GPU: the model FLOPs of its share
+    (1 / TP x PP x CP) at the fitted GEMM efficiency, times the recompute cost; plus the exposed share of the
+    tensor-parallel collectives on NVLink and of the pipeline sends. A 1F1B step is (m + (PP - 1) / VP)
+    micro-batch times (the interleaved schedule's bubble, Narayanan et al. 2021, arXiv:2104.04473, section 2.2).
+    Then the data-parallel gradient reduce-scatter and parameter all-gather (or LoRA's all-reduce), over NVLink
+    or the instance's network. NVIDIA's published runs overlap them with the last backward and the first forward
+    (Megatron-Bridge src/megatron/bridge/recipes/common.py: overlap_grad_reduce=True, overlap_param_gather=True);
+    the pods run NeMo 2.7.3's MegatronStrategy default DistributedDataParallelConfig(check_for_nan_in_grad=True),
+    where megatron-core 0.16 leaves both off, so for them the whole exchange counts."""
+    fit = fit or FIT
+    efficiency = fit.efficiency[(precision, method)]
+    peak = catalog.GPU_PEAK_TFLOPS[instance.gpu_model][precision] * 1e12
+    tokens = seq_length * micro_batch_size
+    micro_batches = global_batch_size // (micro_batch_size * par.dp)
+    compute = flops_per_token(model, seq_length, method) * tokens / (par.tp * par.pp * par.cp) / (peak * efficiency)
+    compute *= recompute_overhead(par.recompute, method)
+    layers = stage_layers(model, par.pp)
+    activation = tokens // par.cp * model.hidden * 2  # one 16-bit [s, b, h] tensor of this GPU's sequence share
+    comm = 0.0
+    if par.tp > 1:
+        # Sequence parallelism: per layer an all-gather before QKV and fc1 and a reduce-scatter after the output
+        # projection and fc2, in the forward and again in the backward; full recompute repeats the forward's four.
+        collectives = 8 + (4 if par.recompute == "full" else 0)
+        comm += layers * collectives * (par.tp - 1) / par.tp * activation / _link_bytes_per_second(instance, 1, par.tp)
+    if par.pp > 1:
+        # Each micro-batch enters each of the rank's VP chunks forward and backward: 2 x VP sends of the
+        # sequence-parallel shard, each way.
+        comm += 4 * par.vp * activation / par.tp / _link_bytes_per_second(instance, par.tp * par.cp * par.dp, par.pp)
+    pipeline = (micro_batches + (par.pp - 1) / par.vp) * (compute + fit.comm_exposed * comm)
+
+    exposed = 0.0
+    ranks = par.dp * par.cp  # the distributed optimizer shards over data x context parallel ranks
+    if ranks > 1:
+        bandwidth = _link_bytes_per_second(instance, par.tp, ranks)
+        share = (ranks - 1) / ranks
+        if method == "sft":
+            params = (layers * model.params_per_layer + model.embedding_params * (2 if par.pp == 1 else 1)) / par.tp
+            reduce = share * params * GRAD_BYTES / bandwidth
+            gather = share * params * (FP8_PARAM_BYTES if precision == "fp8" else WEIGHT_BYTES) / bandwidth
+        else:
+            adapters = layers * model.lora_params_per_layer(lora_rank) / par.tp
+            reduce, gather = 2 * share * adapters * GRAD_BYTES / bandwidth, 0.0  # all-reduce, no optimizer sharding
+        if overlap_data_parallel:
+            exposed = max(0.0, reduce - compute * 2 / 3) + max(0.0, gather - compute / 3)
+        else:
+            exposed = reduce + gather
+    return pipeline + exposed
+
+
+def _published_tokens_per_second(run: PublishedRun, fit: ThroughputFit) -> float:
+    instance = catalog.get(_PUBLISHED_INSTANCE)
+    dp = run.gpus // (run.tp * run.pp * run.cp)
+    par = Parallelism(run.tp, run.pp, run.cp, dp, max(1, run.gpus // instance.gpus), instance.gpus, run.recompute,
+                      run.vp_size)
+    seconds = step_seconds(MODELS[run.model], run.method, run.precision, instance, par, run.seq_length,
+                           run.micro_batch_size, run.global_batch_size, fit, overlap_data_parallel=True)
+    return run.global_batch_size * run.seq_length / seconds / run.gpus
+
+
+def fit_throughput(runs: Sequence[PublishedRun]) -> ThroughputFit:
+    """Least squares in log space: for each exposed-communication share on a grid, each (precision, method)
+    group's efficiency is set so that its mean log error is zero (bisection; the prediction grows with the
+    efficiency); the share with the smallest sum of squared log errors wins."""
+    groups: dict[tuple[str, str], list[PublishedRun]] = {}
+    for run in runs:
+        groups.setdefault((run.precision, run.method), []).append(run)
+    missing = [f"{p} {m}" for p in PRECISIONS for m in METHODS if (p, m) not in groups]
+    if missing:
+        raise ValueError(f"no published measurement to fit for {', '.join(missing)}")
+    best: tuple[float, ThroughputFit] | None = None
+    for exposed in _COMM_EXPOSED_GRID:
+        efficiency: dict[tuple[str, str], float] = {}
+        squared = 0.0
+        for key, members in sorted(groups.items()):
+            low, high = 0.05, 1.0
+            for _ in range(30):
+                middle = (low + high) / 2
+                trial = ThroughputFit({key: middle}, exposed)
+                errors = [math.log(_published_tokens_per_second(r, trial) / r.tokens_per_sec_per_gpu) for r in members]
+                low, high = (middle, high) if sum(errors) < 0 else (low, middle)
+            efficiency[key] = (low + high) / 2
+            final = ThroughputFit({key: efficiency[key]}, exposed)
+            squared += sum(math.log(_published_tokens_per_second(r, final) / r.tokens_per_sec_per_gpu) ** 2
+                           for r in members)
+        if best is None or squared < best[0] - 1e-12:
+            best = (squared, ThroughputFit(MappingProxyType(efficiency), exposed))
+    assert best is not None
+    return best[1]
+
+
+@dataclass(frozen=True)
+class HeldOut:
+    run: PublishedRun
+    predicted: float  # tokens/s/GPU from a fit on every other measurement
+
+    @property
+    def error(self) -> float:
+        return self.predicted / self.run.tokens_per_sec_per_gpu - 1
+
+
+def leave_one_out(runs: Sequence[PublishedRun] = MEASURED) -> list[HeldOut]:
+    """Fit on all measurements but one, predict the one left out; for each in turn."""
+    return [HeldOut(run, _published_tokens_per_second(run, fit_throughput(runs[:i] + runs[i + 1:])))
+            for i, run in enumerate(runs)]
+
+
+# Fitted once on every published measurement. NVIDIA publishes no NeMo Llama fine-tuning numbers on A100 or
+# H200: Ampere takes Hopper's BF16 figure (in line with NVIDIA's A100 BF16 GPT-3 pretraining at 48-54% of the
+# 312 TFLOP/s peak, BigNLP-Scripts README, 7.1.2), and H200 runs H100's compute; both are estimates.
+FIT = fit_throughput(MEASURED)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -609,7 +839,7 @@ def _cp_candidates(request: TrainingRequest) -> list[int]:
 def validate_request(request: TrainingRequest) -> None:
     model, instance = request.model, request.instance
     for name, value in (("micro_batch_size", request.micro_batch_size), ("global_batch_size", request.global_batch_size),
-                        ("lora_rank", request.lora_rank), ("tp", request.tp), ("pp", request.pp), ("nodes", request.nodes)):
+                        ("lora_rank", request.lora_rank), ("tp", request.tp), ("pp", request.pp), ("vp", request.vp), ("nodes", request.nodes)):
         if value is not None and value < 1:
             raise SizingError(f"{name.replace('_', ' ')} {value}: must be at least 1", name)
     if request.epochs <= 0:
@@ -643,53 +873,147 @@ def validate_request(request: TrainingRequest) -> None:
                           "pp")
     if request.nodes is not None and not 1 <= request.nodes <= MAX_NODES:
         raise SizingError(f"nodes {request.nodes}: allowed 1..{MAX_NODES}", "nodes")
+    if request.vp is not None and request.vp > 1 and request.pp is not None:
+        # the micro-batch rule depends on the data-parallel size, checked per layout
+        problem = virtual_pipeline_problem(model, request.pp, request.vp, request.pp)
+        if problem:
+            raise SizingError(problem, "vp")
+
+
+def _vp_candidates(request: TrainingRequest, pp: int, dp: int) -> list[int]:
+    """Virtual pipeline sizes Megatron-Core accepts for this PP and DP: divisors of the layers per rank that
+    keep the interleaved schedule's micro-batch rule; 1 (no interleaving) always."""
+    micro_batches = request.global_batch_size // (request.micro_batch_size * dp)
+    if request.vp is not None:
+        return [request.vp] if not virtual_pipeline_problem(request.model, pp, request.vp, micro_batches) else []
+    if pp == 1:
+        return [1]
+    per_rank = layers_per_pipeline_rank(request.model, pp)
+    return [v for v in range(1, per_rank + 1)
+            if per_rank % v == 0 and not virtual_pipeline_problem(request.model, pp, v, micro_batches)]
 
 
 def _candidates(request: TrainingRequest, nodes: int) -> Iterable[Parallelism]:
     gpn = request.instance.gpus
     gpus = nodes * gpn
-    options = []
-    for recompute in ("none", "full"):
-        for tp in _tp_candidates(request):
-            for pp in _pp_candidates(request):
-                for cp in _cp_candidates(request):
-                    if cp > 1 and request.seq_length % (2 * cp * tp):
-                        continue  # context parallelism splits each sequence into 2 x CP chunks, then TP
-                    mp = tp * pp * cp
-                    if gpus % mp:
-                        continue
-                    dp = gpus // mp
-                    if request.global_batch_size % (request.micro_batch_size * dp):
-                        continue
-                    options.append(Parallelism(tp, pp, cp, dp, nodes, gpn, recompute))
-    # Preference: no recomputation, then the most data parallelism (least model parallel), then no pipeline
-    # bubble, then no context parallelism. TP stays inside a node's NVLink domain by construction.
-    options.sort(key=lambda p: (p.recompute != "none", p.model_parallel, p.pp, p.cp))
-    return options
+    for tp in _tp_candidates(request):
+        for pp in _pp_candidates(request):
+            for cp in _cp_candidates(request):
+                if cp > 1 and request.seq_length % (2 * cp * tp):
+                    continue  # context parallelism splits each sequence into 2 x CP chunks, then TP
+                mp = tp * pp * cp
+                if gpus % mp:
+                    continue
+                dp = gpus // mp
+                if request.global_batch_size % (request.micro_batch_size * dp):
+                    continue
+                for vp in _vp_candidates(request, pp, dp):
+                    for recompute in ("none", "full"):
+                        yield Parallelism(tp, pp, cp, dp, nodes, gpn, recompute, vp)
 
 
-def _finish(request: TrainingRequest, par: Parallelism, memory: MemoryBreakdown, reasons: Sequence[str],
-            nearest: str = "") -> SizingPlan:
-    instance, model = request.instance, request.model
-    efficiency = EFFICIENCY[(instance.gpu_arch, request.precision, request.method)]
+def _seconds(request: TrainingRequest, par: Parallelism) -> float:
+    return step_seconds(request.model, request.method, request.precision, request.instance, par, request.seq_length,
+                        request.micro_batch_size, request.global_batch_size, lora_rank=request.lora_rank)
+
+
+# Layouts whose estimated step times differ by less than this are equal to the planner: the simpler one wins
+# (no recompute, less model parallelism, fewer pipeline stages, fewer virtual stages). The estimate cannot
+# tell them apart.
+RANKING_TOLERANCE = 0.01
+# Across node counts the planner minimises the estimated cost per token; node counts within this share of the
+# cheapest count as equal, and the fewest nodes win (less capacity to hold, sooner scheduled).
+NODE_COST_TOLERANCE = 0.03
+# How far beyond the fewest nodes that fit the planner looks for a cheaper layout.
+NODE_SEARCH_FACTOR = 4
+
+
+@dataclass(frozen=True)
+class _Option:
+    par: Parallelism
+    memory: MemoryBreakdown
+    seconds: float
+    tuned: PublishedRun | None = None
+
+
+def _rank_key(option: _Option) -> tuple:
+    p = option.par
+    return (round(math.log(option.seconds) / math.log(1 + RANKING_TOLERANCE)), p.recompute != "none",
+            p.model_parallel, p.pp, p.vp, p.cp)
+
+
+def _tuned_for(request: TrainingRequest, nodes: int) -> PublishedRun | None:
+    """NVIDIA's tuned layout for this request on ``nodes`` nodes, if one was published: same model architecture,
+    method, precision, GPU, GPU count, sequence length and micro-batch, and not overridden by a fixed TP/PP/VP."""
+    for run in TUNED:
+        if (run.model, run.method, run.precision, run.gpu_model, run.gpus, run.seq_length, run.micro_batch_size) == (
+                request.model.key, request.method, request.precision, request.instance.gpu_model,
+                nodes * request.instance.gpus, request.seq_length, request.micro_batch_size) and \
+                request.tp in (None, run.tp) and request.pp in (None, run.pp) and request.vp in (None, run.vp_size):
+            return run
+    return None
+
+
+def _tuned_option(request: TrainingRequest, nodes: int) -> _Option | None:
+    run = _tuned_for(request, nodes)
+    if run is None:
+        return None
+    dp = run.gpus // (run.tp * run.pp * run.cp)
+    micro_batches = request.global_batch_size // (request.micro_batch_size * dp)
+    if request.global_batch_size % (request.micro_batch_size * dp) or \
+            virtual_pipeline_problem(request.model, run.pp, run.vp_size, micro_batches):
+        return None  # the request's global batch does not suit the tuned layout: search instead
+    par = Parallelism(run.tp, run.pp, run.cp, dp, nodes, request.instance.gpus, run.recompute, run.vp_size)
+    memory = memory_breakdown(request, par.tp, par.pp, par.cp, par.dp, par.recompute, par.vp)
+    return _Option(par, memory, _seconds(request, par), run) if memory.fits else None
+
+
+def _best_on(request: TrainingRequest, nodes: int) -> tuple[_Option | None, tuple[Parallelism, MemoryBreakdown] | None]:
+    """The fastest fitting layout on ``nodes`` nodes (NVIDIA's tuned one where it exists), and the layout
+    closest to fitting when none fits."""
+    tuned = _tuned_option(request, nodes)
+    if tuned is not None:
+        return tuned, None
+    best: _Option | None = None
+    tightest: tuple[Parallelism, MemoryBreakdown] | None = None
+    fits_without_recompute: set[tuple[int, int, int, int]] = set()
+    for par in _candidates(request, nodes):
+        shape = (par.tp, par.pp, par.cp, par.vp)
+        if par.recompute == "full" and shape in fits_without_recompute:
+            continue  # recomputing only adds time to a layout that fits without it
+        memory = memory_breakdown(request, par.tp, par.pp, par.cp, par.dp, par.recompute, par.vp)
+        if not memory.fits:
+            if tightest is None or memory.total < tightest[1].total:
+                tightest = (par, memory)
+            continue
+        if par.recompute == "none":
+            fits_without_recompute.add(shape)
+        option = _Option(par, memory, _seconds(request, par))
+        if best is None or _rank_key(option) < _rank_key(best):
+            best = option
+    return best, tightest
+
+
+def _finish(request: TrainingRequest, option: _Option, reasons: Sequence[str], nearest: str = "") -> SizingPlan:
+    instance, model, par = request.instance, request.model, option.par
     per_token = flops_per_token(model, request.seq_length, request.method)
-    peak = catalog.GPU_PEAK_TFLOPS[instance.gpu_model][request.precision] * 1e12
-    tokens_per_sec = peak * efficiency / per_token / recompute_overhead(par.recompute, request.method)
+    tokens_per_sec = request.global_batch_size * request.seq_length / option.seconds / par.gpus
     training_tokens = int(request.dataset_tokens * request.epochs) if request.dataset_tokens else None
     hours = cost = None
     if training_tokens:
         hours = training_tokens / (tokens_per_sec * par.gpus) / 3600
         cost = hours * par.nodes * instance.on_demand_usd_per_hour
     serving = serving_plan(model, instance, request.serving_max_seq_length or request.seq_length, request.serving_tp)
-    fits = memory.fits and serving.fits
+    fits = option.memory.fits and serving.fits
     all_reasons = list(reasons) + ([serving.reason] if not serving.fits else [])
-    return SizingPlan(request, par, memory, fits, tuple(all_reasons), per_token, efficiency, tokens_per_sec,
-                      training_tokens, hours, cost, storage_plan(request), serving,
-                      evaluation_plan(model, instance), nearest)
+    return SizingPlan(request, par, option.memory, fits, tuple(all_reasons), per_token,
+                      FIT.efficiency[(request.precision, request.method)], tokens_per_sec, training_tokens, hours,
+                      cost, storage_plan(request), serving, evaluation_plan(model, instance), nearest, option.tuned,
+                      option.seconds)
 
 
 def _no_layout(request: TrainingRequest) -> SizingError:
-    """Say which setting leaves no layout: a fixed TP, PP or node count, or else the batch sizes."""
+    """Say which setting leaves no layout: a fixed TP, PP, VP or node count, or else the batch sizes."""
     gpn = request.instance.gpus
     node_counts = [request.nodes] if request.nodes else list(range(1, MAX_NODES + 1))
     shapes = [t * p for t in _tp_candidates(request) for p in _pp_candidates(request)]
@@ -699,6 +1023,11 @@ def _no_layout(request: TrainingRequest) -> SizingError:
         return SizingError(f"{name.upper() if name != 'nodes' else 'nodes'} {value}: no TP x PP layout of "
                            f"{request.nodes or 'any number of'} x {request.instance.name} ({gpn} GPUs each) fits "
                            f"TP {request.tp or 'any'} x PP {request.pp or 'any'}", name)
+    if request.vp is not None and request.vp > 1:
+        return SizingError(f"VP {request.vp}: no layout of {request.nodes or 'up to ' + str(MAX_NODES)} x "
+                           f"{request.instance.name} keeps Megatron-Core's interleaving rules (PP > 1, VP dividing "
+                           f"each stage's layers, micro-batches per step a multiple of PP) with global batch "
+                           f"{request.global_batch_size} and micro-batch {request.micro_batch_size}", "vp")
     return SizingError(f"global batch size {request.global_batch_size}: no data-parallel size of "
                        f"{request.nodes or 'up to ' + str(MAX_NODES)} x {request.instance.name} divides it by "
                        f"micro-batch {request.micro_batch_size}; use a power of two", "global_batch_size")
@@ -715,28 +1044,38 @@ def _does_not_fit(request: TrainingRequest, par: Parallelism, memory: MemoryBrea
 
 
 def plan(request: TrainingRequest, *, find_nearest: bool = True) -> SizingPlan:
-    """Choose the parallelism and node count (unless fixed) and derive everything else."""
+    """Choose the layout and node count (unless fixed) and derive everything else. On each node count the
+    fastest fitting layout by estimated step time, NVIDIA's tuned one where it exists; across node counts,
+    with none fixed, the fewest nodes of a tuned layout, else the lowest estimated cost per token."""
     validate_request(request)
     node_range = [request.nodes] if request.nodes else range(1, MAX_NODES + 1)
+    options: list[_Option] = []
     tightest: tuple[Parallelism, MemoryBreakdown] | None = None
     for nodes in node_range:
-        for par in _candidates(request, nodes):
-            memory = memory_breakdown(request, par.tp, par.pp, par.cp, par.dp, par.recompute)
-            if memory.fits:
-                return _finish(request, par, memory, ())
-            if tightest is None or memory.total < tightest[1].total:
-                tightest = (par, memory)
+        if options and nodes > NODE_SEARCH_FACTOR * options[0].par.nodes:
+            break
+        best, tight = _best_on(request, nodes)
+        if best is not None:
+            options.append(best)
+        elif tight is not None and (tightest is None or tight[1].total < tightest[1].total):
+            tightest = tight
+    if options:
+        tuned = [o for o in options if o.tuned is not None]
+        if tuned:
+            return _finish(request, tuned[0], ())
+        cheapest = min(o.seconds * o.par.nodes for o in options)
+        return _finish(request, next(o for o in options if o.seconds * o.par.nodes <= cheapest * (1 + NODE_COST_TOLERANCE)), ())
     if tightest is None:
         raise _no_layout(request)
     par, memory = tightest
     nearest = _nearest_working(request) if find_nearest else ""
-    return _finish(request, par, memory, (_does_not_fit(request, par, memory),), nearest)
+    return _finish(request, _Option(par, memory, _seconds(request, par)), (_does_not_fit(request, par, memory),), nearest)
 
 
 def _nearest_working(request: TrainingRequest) -> str:
     """The closest setting that does fit: first keep the instance type and free what the user fixed, then
     try the other GPU types."""
-    free = replace(request, nodes=None, tp=None, pp=None)
+    free = replace(request, nodes=None, tp=None, pp=None, vp=None)
     for candidate in (free, *(replace(free, instance=catalog.get(name)) for name in catalog.GPU_INSTANCE_TYPES
                                if name != request.instance.name)):
         if candidate.precision == "fp8" and not candidate.instance.fp8:
@@ -815,7 +1154,8 @@ def _fits_on_gpus(model, method, instance, gpus, seq_length) -> SizingPlan | Non
             memory = memory_breakdown(request, tp, pp, 1, 1, recompute)
             if memory.fits:
                 nodes = max(1, math.ceil(gpus / instance.gpus))
-                return _finish(request, Parallelism(tp, pp, 1, 1, nodes, instance.gpus, recompute), memory, ())
+                par = Parallelism(tp, pp, 1, 1, nodes, instance.gpus, recompute)
+                return _finish(request, _Option(par, memory, _seconds(request, par)), ())
     return None
 
 
@@ -852,8 +1192,13 @@ def format_plan(p: SizingPlan) -> str:
         f"  memory/GPU:    {m['total']} GiB of {m['usable']} usable ({m['gpu_memory']} GiB, {int(MEMORY_HEADROOM * 100)}% headroom): "
         f"weights {m['weights']}, gradients {m['gradients']}, optimizer {m['optimizer']}, LoRA {m['lora_adapters']}, "
         f"activations {m['activations']}, logits {m['logits']}",
-        f"  throughput:    {p.tokens_per_sec_per_gpu:,.0f} tokens/s/GPU ({p.flops_per_token / 1e9:.1f} GFLOP/token, "
-        f"{p.efficiency:.0%} of {r.precision} peak); ${p.cost_per_billion_tokens:,.0f} per billion tokens on demand",
+        f"  tuned layout:  " + (f"yes, NVIDIA's ({p.tuned.source})" + (
+            f"; measured {p.tuned.tokens_per_sec_per_gpu:,.0f} tokens/s/GPU at global batch {p.tuned.global_batch_size}"
+            if p.tuned.tokens_per_sec_per_gpu else "; no published measurement")
+            if p.tuned else "none published for this request: chosen by estimated step time"),
+        f"  throughput:    {p.tokens_per_sec_per_gpu:,.0f} tokens/s/GPU estimated ({p.step_seconds:.2f} s per step, "
+        f"{p.flops_per_token / 1e9:.1f} GFLOP/token, GEMMs at {p.efficiency:.0%} of {r.precision} peak); "
+        f"${p.cost_per_billion_tokens:,.0f} per billion tokens on demand",
     ]
     if p.hours is not None:
         lines.append(f"  training:      {p.training_tokens:,} tokens in {p.hours:.1f} h, ${p.cost_usd:,.0f} on demand "
@@ -873,10 +1218,11 @@ def format_plan(p: SizingPlan) -> str:
 
 
 def matrix(seq_length: int = 4096) -> str:
-    """Every variant x method x GPU instance type, as a Markdown table."""
-    header = ("| variant | model | method | instance | fits | nodes | layout | recompute | GiB/GPU (usable) "
-              "| tokens/s/GPU | $/1B tokens | serving TP | KV tokens |")
-    lines = [header, "| " + " | ".join(["---"] * 13) + " |"]
+    """Every variant x method x GPU instance type, as a Markdown table. Throughput is the estimate; layouts NVIDIA
+    tuned and published are marked with their source (``tuned_table``)."""
+    header = ("| variant | model | method | instance | fits | nodes | layout | recompute | tuned | GiB/GPU (usable) "
+              "| est. tokens/s/GPU | $/1B tokens | serving TP | KV tokens |")
+    lines = [header, "| " + " | ".join(["---"] * 14) + " |"]
     for variant in VARIANTS:
         model = model_for(variant)
         for method in METHODS:
@@ -888,8 +1234,57 @@ def matrix(seq_length: int = 4096) -> str:
                 lines.append(
                     f"| {variant} | {model.display} | {method} | {name} ({precision}) | {'yes' if p.fits else 'no'} "
                     f"| {p.parallelism.nodes if p.memory.fits else '-'} | {p.parallelism.describe()} | "
-                    f"{p.parallelism.recompute} | {m['total']} ({m['usable']}) | {p.tokens_per_sec_per_gpu:,.0f} | "
-                    f"{p.cost_per_billion_tokens:,.0f} | {p.serving.tp} | {p.serving.kv_cache_tokens:,} |")
+                    f"{p.parallelism.recompute} | {_tuned_mark(p.tuned)} | {m['total']} ({m['usable']}) | "
+                    f"{p.tokens_per_sec_per_gpu:,.0f} | {p.cost_per_billion_tokens:,.0f} | {p.serving.tp} | "
+                    f"{p.serving.kv_cache_tokens:,} |")
+    return "\n".join(lines)
+
+
+def _tuned_mark(run: PublishedRun | None) -> str:
+    return "-" if run is None else f"T{TUNED.index(run) + 1}"
+
+
+def tuned_table() -> str:
+    """NVIDIA's tuned layouts (the planner picks them where the request matches) and the layout the planner
+    chooses for each, with the published and estimated throughput."""
+    lines = ["| # | model | method | precision | GPUs | TP | PP | CP | VP | recompute | MBS | GBS | planner picks | "
+             "measured tokens/s/GPU | estimated | source |", "| " + " | ".join(["---"] * 16) + " |"]
+    instance = catalog.get(_PUBLISHED_INSTANCE)
+    for i, run in enumerate(TUNED, 1):
+        request = TrainingRequest(MODELS[run.model], run.method, instance, run.precision, run.seq_length,
+                                  run.micro_batch_size, run.global_batch_size, nodes=run.gpus // instance.gpus)
+        p = plan(request)
+        picked = p.parallelism.describe() + (", full recompute" if p.parallelism.recompute == "full" else "")
+        picked += " (the tuned one)" if p.tuned is run else " (NOT the tuned one)"
+        measured = f"{run.tokens_per_sec_per_gpu:,.0f}" if run.tokens_per_sec_per_gpu else "-"
+        lines.append(f"| T{i} | {MODELS[run.model].display} | {run.method} | {run.precision} | {run.gpus} x {run.gpu_model} "
+                     f"| {run.tp} | {run.pp} | {run.cp} | {run.vp or '-'} | {run.recompute} | {run.micro_batch_size} "
+                     f"| {run.global_batch_size} | {picked} | {measured} | {p.tokens_per_sec_per_gpu:,.0f} | "
+                     f"{run.source}{'; ' + run.note if run.note else ''} |")
+    return "\n".join(lines)
+
+
+def _measurement_source(run: PublishedRun) -> str:
+    """Where the measurement was published (a tuned row cites its recipe first)."""
+    return next((part for part in run.source.split("; ") if "perf_recipes" not in part), run.source).split(" @")[0]
+
+
+def leave_one_out_table(held_out: Sequence[HeldOut] | None = None) -> str:
+    """Each published measurement predicted by a fit on all the others."""
+    held_out = leave_one_out() if held_out is None else held_out
+    lines = ["| model | method | precision | GPUs | layout | GBS | measured | predicted (held out) | error | source |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for h in held_out:
+        r = h.run
+        layout = f"TP{r.tp} PP{r.pp}" + (f" VP{r.vp}" if r.vp else "") + (" (VP unpublished)" if r.vp is None and r.pp > 1 else "")
+        lines.append(f"| {MODELS[r.model].display} | {r.method} | {r.precision} | {r.gpus} | {layout} | "
+                     f"{r.global_batch_size} | {r.tokens_per_sec_per_gpu:,.0f} | {h.predicted:,.0f} | {h.error:+.1%} | "
+                     f"{_measurement_source(r)} |")
+    errors = [abs(h.error) for h in held_out]
+    within = sum(e <= 0.10 for e in errors)
+    lines.append("")
+    lines.append(f"{within} of {len(errors)} held-out points within 10%; largest error {max(errors):.1%}, "
+                 f"mean absolute error {sum(errors) / len(errors):.1%}.")
     return "\n".join(lines)
 
 
@@ -923,6 +1318,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.matrix:
         print(matrix(args.seq_length))
+        print("\nThroughput is estimated (fitted to NVIDIA's published runs; see `make bench` for the leave-one-out "
+              "errors); `tuned` marks NVIDIA's tuned layouts:\n")
+        print(tuned_table())
         return 0
     if args.seed_table:
         print(seed_table_markdown())

@@ -48,6 +48,8 @@ def _facts_from_aws(entry: dict) -> dict:
         "gpu_memory_mib": gpu.get("MemoryInfo", {}).get("SizeInMiB", 0),
         "network_cards": network["MaximumNetworkCards"],
         "efa_interfaces": (network.get("EfaInfo") or {}).get("MaximumEfaInterfaces", 0),
+        # CPU types have no per-card figure worth planning with; the catalog keeps 0 for them
+        "network_gbps": int(sum(c.get("PeakBandwidthInGbps", 0) for c in network.get("NetworkCards", []))) if gpus else 0,
         "nvme_disks": disk.get("Count", 0),
         "nvme_disk_gb": disk.get("SizeInGB", 0),
     }
@@ -62,6 +64,7 @@ def _facts_from_catalog(it: catalog.InstanceType) -> dict:
         "gpu_memory_mib": it.gpu_memory_gib * 1024,
         "network_cards": it.network_cards,
         "efa_interfaces": it.efa_interfaces,
+        "network_gbps": it.network_gbps,
         "nvme_disks": it.nvme_disks,
         "nvme_disk_gb": it.nvme_disk_gb,
     }

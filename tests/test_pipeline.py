@@ -208,8 +208,10 @@ def test_resolved_training_config_comes_from_the_plan(stack_synth):
     doc = json.loads(configmap["data"]["run.json"])
     par = cfg.sizing.parallelism
     assert doc["training"]["parallelism"] == {"nodes": par.nodes, "gpus_per_node": par.gpus_per_node, "tp": par.tp,
-                                              "pp": par.pp, "cp": par.cp, "dp": par.dp,
-                                              "sequence_parallel": par.sequence_parallel, "recompute": par.recompute}
+                                              "pp": par.pp, "vp": par.vp if par.vp > 1 else None, "cp": par.cp,
+                                              "dp": par.dp, "sequence_parallel": par.sequence_parallel,
+                                              "recompute": par.recompute}
+    assert doc["training"]["memory"] == {"grad_reduce_in_fp32": False, "disable_parameter_transpose_cache": True}
     assert doc["training"]["batch"]["global_batch_size"] == cfg.sizing.request.global_batch_size
     assert (doc["training"]["lora"] is None) == (cfg.sizing.request.method == "sft")
     assert "serving" not in doc

@@ -3,6 +3,8 @@
     python -m tools.docgen config      # print the stack-config table (from infra/config.py)
     python -m tools.docgen sizing      # print the sizing matrix (from infra/sizing.py)
     python -m tools.docgen seed        # print the check of the common sizing table
+    python -m tools.docgen tuned       # print NVIDIA's tuned layouts and what the planner picks
+    python -m tools.docgen loo         # print the leave-one-out check of the throughput estimate
     python -m tools.docgen --write     # rewrite every generated block of the docs/ pages in place
 """
 
@@ -48,11 +50,14 @@ BLOCKS: dict[str, Callable[[], str]] = {
     "config": config_table,
     "sizing": sizing.matrix,
     "seed": sizing.seed_table_markdown,
+    "tuned": sizing.tuned_table,
+    "loo": sizing.leave_one_out_table,
 }
 # The page each generated block lives in.
 PAGES: dict[str, tuple[str, ...]] = {
     "configuration.md": ("config",),
     "sizing.md": ("sizing", "seed"),
+    "sizing-layouts.md": ("tuned", "loo"),
 }
 
 

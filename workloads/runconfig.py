@@ -12,7 +12,7 @@ import hashlib
 import json
 from typing import Any
 
-from infra import images
+from infra import images, sizing
 from infra.config import StackConfig
 from workloads.entrypoints.layout import RunPaths
 
@@ -42,9 +42,13 @@ def training_section(cfg: StackConfig) -> dict[str, Any]:
         "method": request.method,
         "precision": request.precision,
         "dataset": cfg.pipeline.dataset,
+        # vp: NeMo's virtual_pipeline_model_parallel_size, None when the schedule is not interleaved
         "parallelism": {"nodes": par.nodes, "gpus_per_node": par.gpus_per_node, "tp": par.tp, "pp": par.pp,
-                        "cp": par.cp, "dp": par.dp, "sequence_parallel": par.sequence_parallel,
-                        "recompute": par.recompute},
+                        "vp": par.vp if par.vp > 1 else None, "cp": par.cp, "dp": par.dp,
+                        "sequence_parallel": par.sequence_parallel, "recompute": par.recompute},
+        # the memory-relevant settings the sizing plan assumes (those of NVIDIA's tuned recipes)
+        "memory": {"grad_reduce_in_fp32": sizing.GRAD_REDUCE_IN_FP32,
+                   "disable_parameter_transpose_cache": sizing.DISABLE_PARAMETER_TRANSPOSE_CACHE},
         "batch": {"seq_length": request.seq_length, "micro_batch_size": request.micro_batch_size,
                   "global_batch_size": request.global_batch_size},
         "lora": {"rank": request.lora_rank, "alpha": 2 * request.lora_rank, "dropout": 0.0,

@@ -70,6 +70,7 @@ def test_parallelism(built):
     assert strategy.tensor_model_parallel_size == par["tp"]
     assert strategy.pipeline_model_parallel_size == par["pp"]
     assert strategy.context_parallel_size == par["cp"]
+    assert strategy.virtual_pipeline_model_parallel_size == par["vp"]
     assert strategy.sequence_parallel == (par["sequence_parallel"] and par["tp"] > 1)
     layers = run["training"]["model"]["layers"]
     uneven = par["pp"] > 1 and layers % par["pp"] != 0
@@ -79,6 +80,82 @@ def test_parallelism(built):
     assert recipe.trainer.num_nodes == par["nodes"] and recipe.trainer.devices == par["gpus_per_node"]
     assert recipe.trainer.accelerator == "gpu"
     assert par["tp"] * par["pp"] * par["cp"] * par["dp"] == par["nodes"] * par["gpus_per_node"]
+
+
+def _check_virtual_pipeline(run, objects):
+    """What Megatron-Core builds from the strategy NeMo hands the model: the strategy's parallelism copied into
+    the model config (NeMo's set_model_parallel_attributes, as MegatronStrategy does at setup), then
+    megatron-core's own get_num_layers_to_build for every pipeline rank and virtual stage (it asserts that each
+    rank's layers divide by VP), and the interleaved schedule's micro-batch grouping."""
+    from megatron.core.transformer.transformer_block import get_num_layers_to_build
+    from nemo.lightning import _strategy_lib
+
+    par, batch = run["training"]["parallelism"], run["training"]["batch"]
+    strategy = objects["trainer"].strategy
+    assert strategy.virtual_pipeline_model_parallel_size == par["vp"]
+    config = _strategy_lib.set_model_parallel_attributes(objects["model"], strategy.parallelism)
+    assert config.virtual_pipeline_model_parallel_size == par["vp"]
+    chunks = range(par["vp"]) if par["vp"] else [None]
+    layers = sum(get_num_layers_to_build(config, vp_stage=v, pp_rank=r) for r in range(par["pp"]) for v in chunks)
+    assert layers == run["training"]["model"]["layers"]
+    if par["vp"]:
+        micro_batches = batch["global_batch_size"] // (batch["micro_batch_size"] * par["dp"])
+        group = config.microbatch_group_size_per_vp_stage
+        assert group == par["pp"] <= micro_batches and micro_batches % group == 0
+
+
+def test_virtual_pipeline_builds(built):
+    run, _, _, objects = built
+    _check_virtual_pipeline(run, objects)
+
+
+def _tuned_vp_runs():
+    """Every layout with virtual pipeline stages the planner can choose for NVIDIA's tuned rows, as the run.json
+    of the prod stack (Llama-3.1-70B on p5.48xlarge) with that method, precision and layout."""
+    if not RUN_FILES or not any(p.stem == "prod" for p in RUN_FILES):
+        return []
+    sys.path.insert(0, str(ROOT))
+    from infra import catalog, sizing  # pure Python: the planner needs no Pulumi-side package
+
+    base = json.loads(next(p for p in RUN_FILES if p.stem == "prod").read_text())
+    runs = []
+    for tuned in sizing.TUNED:
+        if tuned.vp is None or tuned.model != base["training"]["model"]["key"]:
+            continue
+        request = sizing.TrainingRequest(sizing.MODELS[tuned.model], tuned.method, catalog.get("p5.48xlarge"),
+                                         tuned.precision, global_batch_size=tuned.global_batch_size,
+                                         nodes=tuned.gpus // 8)
+        par = sizing.plan(request).parallelism
+        run = copy.deepcopy(base)
+        training = run["training"]
+        training["method"], training["precision"] = tuned.method, tuned.precision
+        training["batch"]["global_batch_size"] = tuned.global_batch_size
+        training["parallelism"] = {"nodes": par.nodes, "gpus_per_node": par.gpus_per_node, "tp": par.tp, "pp": par.pp,
+                                   "vp": par.vp if par.vp > 1 else None, "cp": par.cp, "dp": par.dp,
+                                   "sequence_parallel": par.sequence_parallel, "recompute": par.recompute}
+        training["lora"] = {"rank": 16, "alpha": 32, "dropout": 0.0, "target_modules": [
+            "linear_qkv", "linear_proj", "linear_fc1", "linear_fc2"]} if tuned.method == "lora" else None
+        runs.append(pytest.param(run, id=f"{tuned.model}-{tuned.method}-{tuned.precision}-{tuned.gpus}"))
+    return runs
+
+
+@pytest.mark.parametrize("run", _tuned_vp_runs())
+def test_tuned_virtual_pipeline_layouts_build(run, tmp_path):
+    run_file = tmp_path / "run.json"
+    run_file.write_text(json.dumps(run))
+    run, _, _, objects = build_for_test(run_file)
+    _check_virtual_pipeline(run, objects)
+    assert objects["trainer"].strategy.tensor_model_parallel_size == run["training"]["parallelism"]["tp"]
+    recompute = objects["model"].config.recompute_granularity
+    assert recompute == ("full" if run["training"]["parallelism"]["recompute"] == "full" else None)
+
+
+def test_memory_settings_reach_nemo(built):
+    run, _, _, objects = built
+    memory = run["training"]["memory"]
+    plugin = objects["trainer"].strategy.precision_plugin
+    assert plugin.dtype_config.grad_reduce_in_fp32 == memory["grad_reduce_in_fp32"]
+    assert objects["model"].config.disable_parameter_transpose_cache == memory["disable_parameter_transpose_cache"]
 
 
 def test_model_and_recompute(built):

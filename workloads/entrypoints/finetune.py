@@ -91,7 +91,9 @@ def build_recipe(run: dict[str, Any]):
     strategy.tensor_model_parallel_size = par["tp"]
     strategy.pipeline_model_parallel_size = par["pp"]
     strategy.context_parallel_size = par["cp"]
-    strategy.virtual_pipeline_model_parallel_size = None
+    # interleaved 1F1B: MegatronStrategy(virtual_pipeline_model_parallel_size) in NeMo 2.7.3, None when not
+    # interleaved. The sizing plan only writes sizes Megatron-Core accepts (validated with the stack config).
+    strategy.virtual_pipeline_model_parallel_size = par.get("vp")
     strategy.sequence_parallel = bool(par["sequence_parallel"]) and par["tp"] > 1  # only meaningful with TP
     strategy.pipeline_dtype = torch.bfloat16
     for key, value in pipeline_split(model_spec["layers"], par["pp"]).items():
@@ -103,6 +105,11 @@ def build_recipe(run: dict[str, Any]):
     nccl_timeout = os.environ.get(layout.NCCL_TIMEOUT_ENV)
     if nccl_timeout:
         strategy.timeout = datetime.timedelta(seconds=int(nccl_timeout))
+
+    # the memory settings the sizing plan assumes, those of NVIDIA's tuned recipes: bf16 gradient buffers and no
+    # FP8 weight/transpose cache kept between micro-batches
+    memory = training["memory"]
+    recipe.model.config.disable_parameter_transpose_cache = memory["disable_parameter_transpose_cache"]
     if par["recompute"] == "full":
         # recompute every layer's activations in the backward pass (uniform, one layer per checkpoint)
         recipe.model.config.recompute_granularity = "full"
@@ -123,6 +130,8 @@ def build_recipe(run: dict[str, Any]):
         trainer.plugins.fp8_param_gather = not is_lora
     else:
         trainer.plugins = bf16_mixed()
+    # MegatronStrategy copies the plugin's grad_reduce_in_fp32 into its DDP config (update_config_with_dtype_overrides)
+    trainer.plugins.grad_reduce_in_fp32 = memory["grad_reduce_in_fp32"]
     # Prometheus metrics from global rank 0 (training_metrics.py), after the recipe's TimingCallback, whose step
     # time it reads; NeMo's own logging is unchanged
     trainer.callbacks = [*(trainer.callbacks or []), nr.Config(
@@ -176,6 +185,9 @@ def summary(recipe) -> dict[str, Any]:
         "seq_length": recipe.model.config.seq_length,
         "nodes": trainer.num_nodes, "gpus_per_node": trainer.devices,
         "tp": strategy.tensor_model_parallel_size, "pp": strategy.pipeline_model_parallel_size,
+        "vp": strategy.virtual_pipeline_model_parallel_size,
+        "grad_reduce_in_fp32": trainer.plugins.grad_reduce_in_fp32,
+        "disable_parameter_transpose_cache": recipe.model.config.disable_parameter_transpose_cache,
         "cp": strategy.context_parallel_size, "sequence_parallel": strategy.sequence_parallel,
         "account_for_embedding_in_pipeline_split": strategy.account_for_embedding_in_pipeline_split,
         "account_for_loss_in_pipeline_split": strategy.account_for_loss_in_pipeline_split,
