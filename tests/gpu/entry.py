@@ -2,7 +2,7 @@
 
 Before the script runs as ``__main__`` it
 - puts the tiny model's NeMo config class into ``nemo.collections.llm`` (finetune.py looks it up by name),
-- lets NeMo's Hugging Face converters work on Megatron-Core's local layer spec (``use_local_spec_names``),
+- lets NeMo's Hugging Face converters run without Transformer Engine (``adapt_to_missing_transformer_engine``),
 - moves the training metrics port to ``GPU_TEST_METRICS_PORT`` when set (two runs train side by side here),
 and once the script exits it writes the process's peak GPU memory to ``GPU_TEST_STATS`` (JSON), when set.
 The guard matters: checkpoint saving starts processes that import the main module again.
@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections import Counter
 import runpy
 import sys
 import time
@@ -28,19 +29,29 @@ def register_tiny_model() -> None:
     llm.TinyLlamaConfig = tiny_llama_nemo.TinyLlamaConfig
 
 
-def use_local_spec_names() -> None:
-    """Without Transformer Engine, Megatron-Core builds its local layer spec, whose RMSNorm weights are separate
-    modules (``input_layernorm``, ``pre_mlp_layernorm``) where the TE spec fuses them into the next linear layer
-    (``linear_qkv.layer_norm_weight``, ``linear_fc1.layer_norm_weight``). NeMo's Hugging Face importer and exporter
-    map weights by the TE names only, so here their mappings are translated to the local names, with the very
-    correspondence Megatron-Core declares for its checkpoints (the local spec's ``sharded_state_dict_keys_map``,
-    megatron/core/models/gpt/gpt_layer_specs.py, 0.15.3). Nothing changes where TE is installed."""
+def adapt_to_missing_transformer_engine() -> None:
+    """What NeMo's Hugging Face converters need on a machine without Transformer Engine; nothing changes where TE
+    is installed (NeMo's image).
+
+    - The importer builds a plain ``LlamaConfig`` (HFLlamaImporter.config, nemo 2.7.3), whose fused RoPE
+      Megatron-Core refuses without TE: it builds the tiny model's config class instead (the same fields, the
+      fusions off).
+    - Megatron-Core then builds its local layer spec, whose RMSNorm weights are separate modules
+      (``input_layernorm``, ``pre_mlp_layernorm``) where the TE spec fuses them into the next linear layer
+      (``linear_qkv.layer_norm_weight``, ``linear_fc1.layer_norm_weight``). The importer and exporter map weights
+      by the TE names only, so their mappings are translated to the local names with the very correspondence
+      Megatron-Core declares for its checkpoints (the local spec's ``sharded_state_dict_keys_map``,
+      megatron/core/models/gpt/gpt_layer_specs.py, 0.15.3), and the float32 norm weights of the local spec are
+      cast to the model's dtype as TE's would be."""
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
-    from nemo.collections.llm.gpt.model import base
+    from nemo.collections.llm.gpt.model import base, llama
     from nemo.lightning import io
+
+    import tiny_llama_nemo
 
     if base.HAVE_TE:
         return
+    llama.LlamaConfig = tiny_llama_nemo.TinyLlamaConfig
     local_to_te = get_gpt_layer_local_spec().submodules.sharded_state_dict_keys_map
     original = io.apply_transforms
 
@@ -52,6 +63,13 @@ def use_local_spec_names() -> None:
 
     def apply_transforms(source, target, mapping, *args, **kwargs):
         mapping = {local_name(k): local_name(v) for k, v in mapping.items()}
+        if len(args) < 3 and kwargs.get("cast_dtype") is None:
+            # The local spec keeps its RMSNorm weights in float32 where TE keeps them in the parameter dtype;
+            # the converters insist every target parameter keeps its dtype unless told to cast: cast to the
+            # target's own (majority) dtype, which is the one a TE model would have throughout.
+            module = getattr(target, "module", target)
+            dtypes = Counter(p.dtype for p in module.parameters())
+            kwargs["cast_dtype"] = dtypes.most_common(1)[0][0]
         return original(source, target, mapping, *args, **kwargs)
 
     io.apply_transforms = apply_transforms
@@ -80,7 +98,7 @@ def main() -> None:
 
         training_metrics.PORT = int(port)
     register_tiny_model()
-    use_local_spec_names()
+    adapt_to_missing_transformer_engine()
     code = 0
     try:
         runpy.run_path(script, run_name="__main__")

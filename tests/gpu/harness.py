@@ -440,7 +440,10 @@ def train(procs: Processes, work: str, method: str, kill_step: int) -> dict[str,
     second_losses = scalars(second_events, TRAIN_LOSS)
     check(bool(first_losses) and bool(second_losses), f"no {TRAIN_LOSS} logged")
     resumed_first_step = second_losses[0][0]
-    # A run that started over would log from step 0; one that resumed logs from the checkpoint's step on.
+    # A run that started over trains max_steps steps again (and logs from step 0); one that resumed trains only
+    # the steps after the checkpoint (NeMo logs the loss every step: log_every_n_steps=1 in its finetune trainer).
+    check(len(second_losses) <= max_steps - killed_at, f"the restarted run trained {len(second_losses)} steps of "
+                                                       f"{max_steps}: it did not resume from step {killed_at}")
     check(resumed_first_step >= killed_at, f"the restarted run logged step {resumed_first_step} first, before the "
                                            f"checkpoint of step {killed_at}: it did not resume")
     check(second_losses[-1][0] >= max_steps - 1, f"the restarted run stopped logging at {second_losses[-1][0]}")
@@ -457,7 +460,8 @@ def train(procs: Processes, work: str, method: str, kill_step: int) -> dict[str,
         peak = json.load(handle)
     return {"killed_after_checkpoint_step": killed_at, "checkpoints_at_kill": on_disk,
             "first_process_exit": first_code,
-            "resumed_first_logged_step": resumed_first_step, "final_step": final_step,
+            "resumed_first_logged_step": resumed_first_step, "steps_trained_after_restart": len(second_losses),
+            "steps_logged_before_kill": len(first_losses), "final_step": final_step,
             "restore_log_lines": restore_lines[:4], "final_checkpoint": marker["checkpoint"],
             "loss": {"first": first_loss, "at_kill": first_losses[-1][1], "last": last_loss,
                      "first_step": first_losses[0][0], "last_step": second_losses[-1][0]},
@@ -590,8 +594,11 @@ def environment() -> dict[str, Any]:
             versions[name] = metadata.version(name)
         except metadata.PackageNotFoundError:
             versions[name] = None
-    gpu = subprocess.run(["nvidia-smi", "--query-gpu=name,driver_version,memory.total", "--format=csv,noheader"],
-                         capture_output=True, text=True).stdout.strip()
+    try:
+        gpu = subprocess.run(["nvidia-smi", "--query-gpu=name,driver_version,memory.total", "--format=csv,noheader"],
+                             capture_output=True, text=True).stdout.strip()
+    except OSError as exc:
+        gpu = f"nvidia-smi: {exc}"
     import torch
 
     return {"python": sys.version.split()[0], "versions": versions, "gpu": gpu, "cuda": torch.version.cuda,
