@@ -16,6 +16,7 @@ from collections import Counter
 import runpy
 import sys
 import time
+import types
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ENTRYPOINTS = os.path.join(os.path.dirname(os.path.dirname(HERE)), "workloads", "entrypoints")
@@ -33,6 +34,7 @@ def adapt_to_missing_transformer_engine() -> None:
     """What NeMo's Hugging Face converters need on a machine without Transformer Engine; nothing changes where TE
     is installed (NeMo's image).
 
+    - LoRA's module matching looks up ``te.Linear`` unguarded: it gets a class no module is.
     - The importer builds a plain ``LlamaConfig`` (HFLlamaImporter.config, nemo 2.7.3), whose fused RoPE
       Megatron-Core refuses without TE: it builds the tiny model's config class instead (the same fields, the
       fusions off).
@@ -52,6 +54,16 @@ def adapt_to_missing_transformer_engine() -> None:
     if base.HAVE_TE:
         return
     llama.LlamaConfig = tiny_llama_nemo.TinyLlamaConfig
+    # LoRA.transform compares a module's class with te.Linear before it looks at HAVE_TE
+    # (nemo/collections/llm/peft/lora.py, 2.7.3), and NeMo's placeholder for a missing TE raises on that lookup.
+    from nemo.collections.llm.peft import lora
+
+    lora.te = types.SimpleNamespace(Linear=type("TransformerEngineLinearAbsent", (), {}))
+    # peft/utils.py decides HAVE_TE from imports of megatron.core.extensions.transformer_engine, which succeed
+    # without TE and hand back placeholders that isinstance() rejects
+    from nemo.collections.llm.peft import utils as peft_utils
+
+    peft_utils.HAVE_TE = False
     local_to_te = get_gpt_layer_local_spec().submodules.sharded_state_dict_keys_map
     original = io.apply_transforms
 

@@ -151,10 +151,7 @@ class Processes:
 
     def kill_all(self) -> None:
         for process in list(self.live):
-            try:
-                os.killpg(process.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
+            kill_tree(process.pid)
 
     def start(self, name: str, argv: list[str], extra_env: dict[str, str] | None = None) -> tuple[subprocess.Popen, str]:
         log_path = os.path.join(self.logs, f"{name}.log")
@@ -171,7 +168,7 @@ class Processes:
         try:
             return process.wait(timeout=timeout)
         except subprocess.TimeoutExpired:
-            os.killpg(process.pid, signal.SIGKILL)
+            kill_tree(process.pid)
             process.wait()
             raise CheckFailed(f"{' '.join(process.args[-4:])} still running after {timeout:.0f} s: killed")
         finally:
@@ -181,6 +178,36 @@ class Processes:
     def run(self, name: str, argv: list[str], timeout: float, extra_env: dict[str, str] | None = None) -> tuple[int, str]:
         process, log_path = self.start(name, argv, extra_env)
         return self.wait(process, timeout), log_path
+
+
+def descendants(pid: int) -> list[int]:
+    """Every process below ``pid`` (from /proc). torchrun starts its workers in sessions of their own, so killing
+    the launcher's process group leaves the training worker running; a pod restart ends them all."""
+    children: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat", encoding="utf-8") as handle:
+                fields = handle.read().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        children.setdefault(int(fields[1]), []).append(int(entry))
+    found, queue = [], [pid]
+    while queue:
+        for child in children.get(queue.pop(), []):
+            found.append(child)
+            queue.append(child)
+    return found
+
+
+def kill_tree(pid: int) -> None:
+    """SIGKILL to ``pid`` and everything below it, as a pod's restart would end them."""
+    for target in [pid, *descendants(pid)]:
+        try:
+            os.kill(target, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
 
 
 def tail(path: str, lines: int = 15) -> str:
@@ -410,7 +437,7 @@ def train(procs: Processes, work: str, method: str, kill_step: int) -> dict[str,
     while time.monotonic() < deadline:
         done = finished_checkpoints(checkpoints)
         if done and max(done) >= kill_step:
-            os.killpg(process.pid, signal.SIGKILL)
+            kill_tree(process.pid)
             killed_at = max(done)
             break
         if process.poll() is not None:
@@ -484,6 +511,21 @@ def export(procs: Processes, work: str, method: str) -> dict[str, Any]:
     return {"export_dir": paths["export_dir"], "files": sorted(os.listdir(paths["export_dir"]))}
 
 
+VOCAB_TENSORS = ("model.embed_tokens.weight", "lm_head.weight")
+
+
+def comparable_rows(name: str, base_shape: tuple, export_shape: tuple, tokenizer_tokens: int) -> int:
+    """How many leading rows of a tensor the base and the export must agree on. The export keeps one embedding and
+    output row per tokenizer token (NeMo's exporter prunes the vocabulary padding: TransformFns.prune_padding),
+    while the base here has the model's full vocabulary rows; every other tensor has the same shape in both."""
+    if name in VOCAB_TENSORS and export_shape[0] != base_shape[0]:
+        check(export_shape[1:] == base_shape[1:] and export_shape[0] == tokenizer_tokens,
+              f"{name}: export {export_shape} is not the base {base_shape} cut to the {tokenizer_tokens} tokens")
+        return export_shape[0]
+    check(export_shape == base_shape, f"{name}: shape {export_shape} != {base_shape}")
+    return base_shape[0] if base_shape else 0
+
+
 def weight_check(work: str, method: str) -> dict[str, Any]:
     """Load base and export with transformers; compare every tensor."""
     import torch
@@ -499,8 +541,8 @@ def weight_check(work: str, method: str) -> dict[str, Any]:
     changed, unchanged, max_delta = [], [], {}
     for name, tensor in base_state.items():
         other = tuned_state[name]
-        check(other.shape == tensor.shape, f"{name}: shape {tuple(other.shape)} != {tuple(tensor.shape)}")
-        delta = (other.float() - tensor.float()).abs().max().item()
+        rows = comparable_rows(name, tuple(tensor.shape), tuple(other.shape), len(tokenizer))
+        delta = (other[:rows].float() - tensor[:rows].float()).abs().max().item()
         (changed if delta > 0 else unchanged).append(name)
         max_delta[name] = delta
     details: dict[str, Any] = {"tensors": len(base_state), "changed": len(changed), "unchanged": len(unchanged)}

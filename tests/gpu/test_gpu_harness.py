@@ -79,3 +79,46 @@ def test_generated_examples_are_valid_and_reach_the_sequence_length():
     assert report.ok and len(good) == 200
     words = sorted(len(r["input"].split()) for r in records)
     assert words[len(words) // 2] > harness.STACK_CONFIG["nemo-eks:training"]["seqLength"] // 2
+
+
+def test_the_kill_reaches_workers_in_sessions_of_their_own(tmp_path):
+    """torchrun starts its workers with start_new_session: a kill of the launcher's process group alone left the
+    training worker running to the end on the GPU machine, so no restart ever had to resume."""
+    import subprocess
+    import time
+
+    pid_file = tmp_path / "worker.pid"
+    launcher = subprocess.Popen([sys.executable, "-c", (
+        "import subprocess, sys, time\n"
+        "worker = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(60)'], start_new_session=True)\n"
+        f"open({str(pid_file)!r}, 'w').write(str(worker.pid))\n"
+        "time.sleep(60)\n")], start_new_session=True)
+    deadline = time.monotonic() + 20
+    while not (pid_file.exists() and pid_file.read_text()) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    worker = int(pid_file.read_text())
+    assert worker in harness.descendants(launcher.pid)
+    harness.kill_tree(launcher.pid)
+    launcher.wait(timeout=10)
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        try:
+            with open(f"/proc/{worker}/stat", encoding="utf-8") as handle:
+                if handle.read().rsplit(")", 1)[1].split()[0] == "Z":
+                    break  # killed, waiting for init to reap it
+        except FileNotFoundError:
+            break
+        time.sleep(0.05)
+    else:
+        pytest.fail("the worker outlived the kill")
+
+
+def test_export_vocabulary_rows_are_compared_up_to_the_tokenizer():
+    # what the GPU run showed: the export keeps 547 embedding rows (its tokenizer), the base 1024 (the config)
+    assert harness.comparable_rows("model.embed_tokens.weight", (1024, 512), (547, 512), 547) == 547
+    assert harness.comparable_rows("lm_head.weight", (1024, 512), (1024, 512), 547) == 1024
+    assert harness.comparable_rows("model.norm.weight", (512,), (512,), 547) == 512
+    with pytest.raises(harness.CheckFailed):
+        harness.comparable_rows("model.embed_tokens.weight", (1024, 512), (600, 512), 547)
+    with pytest.raises(harness.CheckFailed):
+        harness.comparable_rows("model.layers.0.mlp.down_proj.weight", (512, 1536), (512, 1024), 547)
