@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The pipeline's entrypoints on one CUDA GPU with a tiny Llama made on the spot (tests/gpu/harness.py says what
 # runs and what is checked). Needs python3 with torch (CUDA), and the NeMo 2.7.3 stack importable, either
-# installed or as wheels unpacked into an overlay directory first:
+# installed or as wheels unpacked into an overlay directory first (tests/gpu/overlay-requirements.txt lists them):
 #
 #   bash tests/gpu/run.sh [--install WHEEL_DIR]... [-- HARNESS_ARGS...]
 #
