@@ -117,12 +117,14 @@ def test_the_scale_set_names_are_the_workflows_runs_on_labels():
     workflows = synth.ROOT / ".github" / "workflows"
     preview = yaml.safe_load((workflows / "pull-request.yml").read_text())["jobs"]["preview"]
     up = yaml.safe_load((workflows / "up.yml").read_text())["jobs"]["up"]
-    destroy = yaml.safe_load((workflows / "operate.yml").read_text())["jobs"]["destroy"]
+    operate = yaml.safe_load((workflows / "operate.yml").read_text())["jobs"]
+    destroy, preflight = operate["destroy"], operate["preflight"]
     for stack in synth.stack_names():
         prefix = f"nemo-eks-{stack}"
         assert preview["runs-on"].replace("${{ matrix.stack }}", stack) == runners.runs_on_label(prefix, "preview")
         assert up["runs-on"].replace("${{ inputs.stack }}", stack) == runners.runs_on_label(prefix, "deploy")
         assert destroy["runs-on"].replace("${{ inputs.stack }}", stack) == runners.runs_on_label(prefix, "deploy")
+        assert preflight["runs-on"].replace("${{ inputs.stack }}", stack) == runners.runs_on_label(prefix, "preview")
     # Each kind of run keeps its one-at-a-time group and its environment.
     assert preview["concurrency"]["group"] == up["concurrency"]["group"].replace("inputs", "matrix")
     assert up["environment"] == "${{ inputs.stack }}"
