@@ -164,7 +164,9 @@ class CiRunners(pulumi.ComponentResource):
         sets = scale_sets(args.prefix)
 
         # A node group of their own: the system group's rolling updates (a new AMI, a new instance type) never
-        # drain the node a running `pulumi up` is on. Fixed size, so nothing scales it in under a job.
+        # drain the node a running `pulumi up` is on. Fixed size, so nothing scales it in under a job. Its taint
+        # keeps other pods off; the eks-pod-identity-agent DaemonSet tolerates taints since v1.2.0-eksbuild.1
+        # (aws/amazon-vpc-cni-k8s#2780, aws/containers-roadmap#2261), as the tainted GPU nodes already rely on.
         self.node_group = aws.eks.NodeGroup(
             f"{name}-nodes", cluster_name=args.cluster_name, node_role_arn=args.node_role_arn,
             subnet_ids=list(args.subnet_ids), instance_types=[cfg.instance_type], ami_type=RUNNER_AMI_TYPE,
