@@ -693,7 +693,7 @@ def run_checks(clients: Clients, cfg, *, bucket: str | None = None, now: datetim
          lambda: check_kubernetes_version(clients("eks"), cfg)),
         ("dataset", "s3", "s3:ListAllMyBuckets, s3:GetBucketTagging, s3:ListBucket, s3:GetObject",
          lambda: check_dataset(clients("s3"), cfg, bucket)),
-        ("api endpoint", "eks:DescribeCluster", lambda: check_api_endpoint(clients("eks"), cfg)),
+        ("api endpoint", "eks", "eks:DescribeCluster", lambda: check_api_endpoint(clients("eks"), cfg)),
     )
     unreachable: set[str] = set()  # an endpoint that did not answer once is not waited for again
     for name, service, permissions, step in steps:
