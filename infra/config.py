@@ -180,6 +180,18 @@ KEYS: tuple[Key, ...] = (
     Key("addons.efaDevicePluginVersion", "string", "v0.5.31", "a chart version of aws-efa-k8s-device-plugin", "AWS EFA device plugin Helm chart version."),
     Key("addons.podIdentityAgentVersion", "string", None, "an EKS add-on version", "eks-pod-identity-agent add-on version; unset takes EKS's default for the cluster version."),
     Key("addons.fsxCsiDriverVersion", "string", None, "an EKS add-on version", "aws-fsx-csi-driver add-on version; unset takes EKS's default for the cluster version."),
+    # CI runners: Actions Runner Controller scale sets inside the cluster (docs/delivery.md).
+    Key("ciRunners.enabled", "boolean", False, "true, false", "Run the stack's CI previews and ups on runner pods inside the cluster (Actions Runner Controller), which reach the private API endpoint."),
+    Key("ciRunners.githubConfigUrl", "string", None, "https://github.com/<owner>/<repository>; required while enabled", "The one repository whose workflows may use the runners (required while ciRunners.enabled)."),
+    Key("ciRunners.controllerChartVersion", "string", "0.14.2", "a chart version of gha-runner-scale-set-controller", "Actions Runner Controller Helm chart version."),
+    Key("ciRunners.scaleSetChartVersion", "string", "0.14.2", "a chart version of gha-runner-scale-set, equal to the controller's", "Runner scale set Helm chart version (the controller deletes scale sets of another version)."),
+    Key("ciRunners.runnerImage", "string", "ghcr.io/actions/actions-runner:2.334.0", "an image pinned by tag, never latest", "Image of the runner pods."),
+    Key("ciRunners.maxRunners", "integer", 2, "1..10", "Most concurrent runners per scale set (previews and ups of one stack are serialised by concurrency groups anyway)."),
+    Key("ciRunners.instanceType", "string", "m7i.xlarge", "a CPU instance type of infra/catalog.py", "Instance type of the runners' own node group (no GPU)."),
+    Key("ciRunners.nodes", "integer", 1, "1..4", "Nodes of the runners' own node group (fixed size: nothing scales it in under a running job)."),
+    Key("githubAppId", "string", None, "a Pulumi secret (`pulumi config set --secret nemo-eks:githubAppId ...`)", "GitHub App id (or client id) the runner scale sets register with; all three githubApp* keys together."),
+    Key("githubAppInstallationId", "string", None, "a Pulumi secret (`pulumi config set --secret nemo-eks:githubAppInstallationId ...`)", "Installation id of that App on the repository."),
+    Key("githubAppPrivateKey", "string", None, "a Pulumi secret (`pulumi config set --secret nemo-eks:githubAppPrivateKey < app.pem`)", "PEM private key of that App. Unset (all three): the runner platform is created, the scale sets are not (bootstrap)."),
 )
 _KEYS_BY_PATH = MappingProxyType({k.path: k for k in KEYS})
 
@@ -273,6 +285,28 @@ class AutoscalingConfig:
     enabled: bool
     chart_version: str
     image_tag: str
+
+
+@dataclass(frozen=True)
+class GithubApp:
+    """The GitHub App the scale sets register with. Values are Pulumi secrets: declared only as secrets."""
+
+    app_id: str = field(repr=False)
+    installation_id: str = field(repr=False)
+    private_key: str = field(repr=False)
+
+
+@dataclass(frozen=True)
+class CiRunnersConfig:
+    enabled: bool
+    github_config_url: str | None
+    controller_chart_version: str
+    scale_set_chart_version: str
+    runner_image: str
+    max_runners: int
+    instance_type: str
+    nodes: int
+    github_app: GithubApp | None  # None: platform only, no scale sets yet (bootstrap)
 
 
 @dataclass(frozen=True)
@@ -371,6 +405,7 @@ class StackConfig:
     serving_node_group: str
     pipeline: PipelineConfig
     autoscaling: AutoscalingConfig = AutoscalingConfig(False, "", "")
+    ci_runners: CiRunnersConfig | None = None  # None only for configs built by hand in tests
 
     @property
     def prefix(self) -> str:
@@ -616,6 +651,7 @@ def load(raw: Mapping[str, Any], stack: str, project: str = PROJECT, secret_keys
     pipeline = _load_pipeline(root, workload, secret_keys)
     addons = _load_addons(_section(root, "addons"))
     autoscaling = _load_autoscaling(_section(root, "autoscaling"), version)
+    ci_runners = _load_ci_runners(root, secret_keys)
     tags = root.get("tags")
     root.finish()
     return StackConfig(
@@ -625,6 +661,7 @@ def load(raw: Mapping[str, Any], stack: str, project: str = PROJECT, secret_keys
         storage=storage, addons=addons, sizing=plan, hf_model_id=workload.hf_model_id,
         training_node_group=workload.training_group, serving_node_group=workload.serving_group, pipeline=pipeline,
         autoscaling=autoscaling,
+        ci_runners=ci_runners,
     )
 
 
@@ -671,10 +708,9 @@ def _load_cluster(s: _Section, version: str) -> ClusterConfig:
     public = s.get("publicEndpoint")
     cidrs = s.get("publicAccessCidrs")
     for cidr in cidrs:
-        _ipv4_network(s.where("publicAccessCidrs"), cidr, "IPv4 CIDRs such as 203.0.113.0/24")
+        _check_public_access_cidr(s.where("publicAccessCidrs"), cidr)
     _check(not public or bool(cidrs), s.where("publicAccessCidrs"), list(cidrs),
-           "at least one CIDR when cluster.publicEndpoint is true",
-           "An open public endpoint must be asked for explicitly, e.g. [\"0.0.0.0/0\"]")
+           "at least one CIDR when cluster.publicEndpoint is true", PUBLIC_ACCESS_HINT)
     _check(public or not cidrs, s.where("publicAccessCidrs"), list(cidrs), "empty while cluster.publicEndpoint is false")
     log_types = s.get("logTypes")
     for log_type in log_types:
@@ -682,6 +718,70 @@ def _load_cluster(s: _Section, version: str) -> ClusterConfig:
     s.finish()
     return ClusterConfig(kubernetes_version=version, admin_principal_arns=tuple(admins), public_endpoint=public,
                          public_access_cidrs=tuple(cidrs), log_types=tuple(log_types))
+
+
+# RFC 5737 reserves these for documentation: no client is ever in them, so an allow-list naming one admits nobody.
+DOCUMENTATION_RANGES = tuple(ipaddress.IPv4Network(n) for n in ("192.0.2.0/24", "198.51.100.0/24", "203.0.113.0/24"))
+PUBLIC_ACCESS_HINT = ("Put there the public address of the operator's workstation or VPN egress as a /32 (or the "
+                      "organisation's egress range), only while bootstrapping; CI reaches the private endpoint from the "
+                      "in-cluster runners (ciRunners), so most stacks need no public endpoint at all")
+
+
+def _check_public_access_cidr(where: str, cidr: str) -> None:
+    """A public allow-list entry must be a real, bounded set of clients."""
+    allowed = "IPv4 CIDRs of real clients: not 0.0.0.0/0, not a documentation range (192.0.2.0/24, 198.51.100.0/24, 203.0.113.0/24)"
+    network = _ipv4_network(where, cidr, allowed)
+    _check(network.prefixlen > 0, where, cidr, allowed, "0.0.0.0/0 opens the API endpoint to the whole internet. " + PUBLIC_ACCESS_HINT)
+    _check(not any(network.overlaps(doc) for doc in DOCUMENTATION_RANGES), where, cidr, allowed,
+           "That is a documentation range (RFC 5737) no runner or workstation is in. " + PUBLIC_ACCESS_HINT)
+
+
+_GITHUB_REPO_URL = re.compile(r"https://github\.com/[A-Za-z0-9](?:[A-Za-z0-9-]{0,38})/[A-Za-z0-9._-]{1,100}")
+_GITHUB_APP_KEYS = ("githubAppId", "githubAppInstallationId", "githubAppPrivateKey")
+
+
+def _load_ci_runners(root: _Section, secret_keys: Sequence[str]) -> CiRunnersConfig:
+    """The in-cluster CI runners. The GitHub App's three values come only from Pulumi secrets, all or none."""
+    s = _section(root, "ciRunners")
+    enabled = s.get("enabled")
+    url = s.get("githubConfigUrl")
+    if enabled:
+        _check(url is not None and bool(_GITHUB_REPO_URL.fullmatch(url.rstrip("/"))), s.where("githubConfigUrl"), url,
+               _KEYS_BY_PATH["ciRunners.githubConfigUrl"].allowed,
+               "A repository URL keeps the runners to this repository's workflows; an organisation URL would open them "
+               "to every repository of the organisation")
+    controller, scale_set = s.get("controllerChartVersion"), s.get("scaleSetChartVersion")
+    for name, version in (("controllerChartVersion", controller), ("scaleSetChartVersion", scale_set)):
+        _check(bool(re.fullmatch(r"\d+\.\d+\.\d+", version)), s.where(name), version, "a pinned chart version such as 0.14.2")
+    # The controller deletes a scale set whose chart version it does not allow (actions-runner-controller
+    # gha-runner-scale-set-0.14.2, controllers/actions.github.com/autoscalingrunnerset_controller.go:139-149).
+    _check(scale_set == controller, s.where("scaleSetChartVersion"), scale_set,
+           f"the controller's chart version ({controller})", "The controller deletes scale sets of another version")
+    image = s.get("runnerImage")
+    try:
+        images.parse(image)
+    except images.ImageError as error:
+        raise ConfigError(s.where("runnerImage"), image, _KEYS_BY_PATH["ciRunners.runnerImage"].allowed, str(error)) from None
+    max_runners, nodes = s.get("maxRunners"), s.get("nodes")
+    _check(1 <= max_runners <= 10, s.where("maxRunners"), max_runners, "1..10")
+    _check(1 <= nodes <= 4, s.where("nodes"), nodes, "1..4")
+    instance_type = _in(s.where("instanceType"), s.get("instanceType"), catalog.SYSTEM_INSTANCE_TYPES)
+    s.finish()
+
+    values = {name: root.get(name) for name in _GITHUB_APP_KEYS}
+    for name, value in values.items():
+        if value is not None and f"{PROJECT}:{name}" not in secret_keys:
+            # Never echo the value: it is a credential that was meant to be encrypted.
+            raise ConfigError(root.where(name), "<plain text>", _KEYS_BY_PATH[name].allowed,
+                              "Plain text would end up in the stack file and the state")
+    given = [name for name, value in values.items() if value is not None]
+    missing = [name for name in _GITHUB_APP_KEYS if name not in given]
+    if given and missing:
+        raise ConfigError(root.where(missing[0]), None, _KEYS_BY_PATH[missing[0]].allowed,
+                          f"The GitHub App needs all of {', '.join(_GITHUB_APP_KEYS)}; {', '.join(given)} set")
+    app = GithubApp(*(values[name] for name in _GITHUB_APP_KEYS)) if given and enabled else None
+    return CiRunnersConfig(enabled, url.rstrip("/") if url else None, controller, scale_set, image, max_runners,
+                           instance_type, nodes, app)
 
 
 def _check_sizes(s: _Section, min_size: int, desired: int, max_size: int, min_floor: int) -> None:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 import pulumi
 import pulumi_aws as aws
@@ -145,3 +145,88 @@ def cluster_autoscaler_identity(name: str, cluster: pulumi.Input[str], cluster_t
         f"{name}-association", cluster_name=cluster, namespace=namespace, service_account=service_account,
         role_arn=role.arn, tags=dict(tags), opts=child)
     return role, association
+
+
+# ------------------------------------------------------------------------------------------------------------
+# CI runners: two roles, never one for both. Previews read; ups change the stack's resources.
+
+# AWS managed policy: read access to every service's configuration, which `pulumi preview --refresh` reads.
+READ_ONLY_ACCESS = "arn:aws:iam::aws:policy/ReadOnlyAccess"
+# EKS access policies (docs.aws.amazon.com/eks/latest/userguide/access-policy-permissions.html): View reads most
+# objects but not Secrets; ClusterAdmin is what `pulumi up` of the whole stack needs.
+EKS_VIEW_POLICY = "arn:aws:eks::aws:cluster-access-policy/AmazonEKSViewPolicy"
+EKS_CLUSTER_ADMIN_POLICY = "arn:aws:eks::aws:cluster-access-policy/AmazonEKSClusterAdminPolicy"
+# Data and credentials that ReadOnlyAccess would also let a preview read: a pull request's code runs with this
+# role, so it must not read training data, models or other secrets of the account.
+PREVIEW_DENIED_READS = ("s3:GetObject", "s3:GetObjectVersion", "secretsmanager:GetSecretValue", "ssm:GetParameter",
+                        "ssm:GetParameters", "ssm:GetParametersByPath", "kms:Decrypt", "dynamodb:GetItem",
+                        "dynamodb:Query", "dynamodb:Scan")
+# Services whose resources the stack declares (infra/*.py, pulumi-eks). Their resource ARNs carry random ids,
+# so these cannot be narrowed by name.
+DEPLOY_SERVICES = ("ec2:*", "eks:*", "fsx:*", "kms:*", "logs:*", "elasticloadbalancing:*", "autoscaling:*",
+                   "ssm:GetParameter", "ssm:GetParameters", "sts:GetCallerIdentity", "servicequotas:Get*",
+                   "servicequotas:List*")
+DEPLOY_DENIED = ("iam:CreateUser", "iam:CreateAccessKey", "iam:CreateLoginProfile", "iam:UpdateLoginProfile",
+                 "organizations:*", "account:*")
+
+
+def ci_preview_policy() -> str:
+    return json.dumps({"Version": "2012-10-17", "Statement": [
+        {"Sid": "NoDataReads", "Effect": "Deny", "Action": list(PREVIEW_DENIED_READS), "Resource": "*"}]})
+
+
+def ci_deploy_policy(prefix: str, own_role_arn: str) -> str:
+    """What `pulumi up` of one stack needs, narrowed where names allow: IAM and S3 only on the stack's own
+    resources (every name starts with the stack prefix). It is still a broad infrastructure role."""
+    return json.dumps({"Version": "2012-10-17", "Statement": [
+        {"Sid": "StackServices", "Effect": "Allow", "Action": list(DEPLOY_SERVICES), "Resource": "*"},
+        {"Sid": "StackRoles", "Effect": "Allow", "Action": "iam:*",
+         "Resource": [f"arn:aws:iam::*:role/{prefix}-*", f"arn:aws:iam::*:instance-profile/{prefix}-*",
+                      f"arn:aws:iam::*:policy/{prefix}-*"]},
+        {"Sid": "ReadIam", "Effect": "Allow", "Action": ["iam:Get*", "iam:List*", "iam:CreateServiceLinkedRole"],
+         "Resource": "*"},
+        {"Sid": "StackBuckets", "Effect": "Allow", "Action": "s3:*",
+         "Resource": [f"arn:aws:s3:::{prefix}-*", f"arn:aws:s3:::{prefix}-*/*"]},
+        {"Sid": "ListBuckets", "Effect": "Allow", "Action": "s3:ListAllMyBuckets", "Resource": "*"},
+        {"Sid": "NoNewCredentials", "Effect": "Deny", "Action": list(DEPLOY_DENIED), "Resource": "*"},
+        # A CI run must not widen its own permissions: the deploy role changes only from a workstation.
+        {"Sid": "NotItself", "Effect": "Deny", "NotAction": ["iam:Get*", "iam:List*"], "Resource": own_role_arn},
+    ]})
+
+
+@dataclass(frozen=True)
+class CiRunnerIdentity:
+    purpose: str  # preview or deploy
+    namespace: str
+    service_account: str
+
+
+def ci_runner_roles(name: str, prefix: str, cluster_name: pulumi.Input[str], runners: Sequence[CiRunnerIdentity],
+                    tags: Mapping[str, str], parent: pulumi.Resource) -> dict[str, aws.iam.Role]:
+    """One Pod Identity role per scale set, with the EKS access it needs to reach the API."""
+    child = pulumi.ResourceOptions(parent=parent)
+    trust = assume_role_policy(POD_IDENTITY_PRINCIPAL, POD_IDENTITY_ACTIONS)
+    roles: dict[str, aws.iam.Role] = {}
+    for runner in runners:
+        role_name = f"{name}-{runner.purpose}"
+        role = aws.iam.Role(role_name, assume_role_policy=trust, tags=dict(tags),
+                            description=f"CI {runner.purpose} runners: {runner.namespace}/{runner.service_account}",
+                            opts=child)
+        if runner.purpose == "deploy":
+            aws.iam.RolePolicy(f"{role_name}-policy", role=role.id,
+                               policy=role.arn.apply(lambda arn: ci_deploy_policy(prefix, arn)), opts=child)
+            access_policy = EKS_CLUSTER_ADMIN_POLICY
+        else:
+            aws.iam.RolePolicyAttachment(f"{role_name}-read-only", role=role.name, policy_arn=READ_ONLY_ACCESS, opts=child)
+            aws.iam.RolePolicy(f"{role_name}-no-data", role=role.id, policy=ci_preview_policy(), opts=child)
+            access_policy = EKS_VIEW_POLICY
+        entry = aws.eks.AccessEntry(f"{role_name}-access", cluster_name=cluster_name, principal_arn=role.arn,
+                                    tags=dict(tags), opts=child)
+        aws.eks.AccessPolicyAssociation(
+            f"{role_name}-access-policy", cluster_name=cluster_name, principal_arn=role.arn, policy_arn=access_policy,
+            access_scope={"type": "cluster"}, opts=pulumi.ResourceOptions(parent=parent, depends_on=[entry]))
+        aws.eks.PodIdentityAssociation(f"{role_name}-association", cluster_name=cluster_name,
+                                       namespace=runner.namespace, service_account=runner.service_account,
+                                       role_arn=role.arn, tags=dict(tags), opts=child)
+        roles[runner.purpose] = role
+    return roles

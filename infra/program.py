@@ -52,6 +52,8 @@ def build(cfg: StackConfig) -> dict[str, Any]:
         system_nodes=cluster.system_nodes, fsx_csi_role_arn=identity.fsx_csi_role.arn,
         file_system=storage.file_system, tags=tags))
 
+    runs_on = ci_runners(cfg, cluster, network)
+
     monitoring_ready: list[pulumi.Resource] = []
     if cfg.pipeline.monitoring.enabled:
         from infra.monitoring import Monitoring, MonitoringArgs
@@ -108,7 +110,22 @@ def build(cfg: StackConfig) -> dict[str, Any]:
         "fsxClaim": FSX_CLAIM_NAME,
         "workloadRoleArns": {name: role.arn for name, role in identity.roles.items()},
         "sizing": sizing_summary(cfg),
+        **({"ciRunsOn": runs_on} if runs_on else {}),
     }
+
+
+def ci_runners(cfg: StackConfig, cluster: Cluster, network: Network) -> dict[str, str] | None:
+    """The in-cluster CI runners, when the stack has them: the `runs-on` label of each purpose."""
+    if cfg.ci_runners is None or not cfg.ci_runners.enabled:
+        return None
+    from infra.runners import CiRunners, CiRunnersArgs, scale_sets
+
+    CiRunners(f"{cfg.prefix}-ci", CiRunnersArgs(
+        cfg.ci_runners, cfg.prefix, cluster_name=cluster.name, node_role_arn=cluster.node_role_arn,
+        subnet_ids=list(network.private_subnet_ids.values()), provider=cluster.provider, tags=cfg.tags,
+        # Like the GPU groups: a node must find the CNI and kube-proxy (children of the cluster).
+        depends_on=[cluster]))
+    return {s.purpose: s.name for s in scale_sets(cfg.prefix)}
 
 
 def sizing_summary(cfg: StackConfig) -> dict[str, Any]:

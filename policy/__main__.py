@@ -24,7 +24,7 @@ PolicyPack(
     name="nemo-eks-guardrails",
     description="nemo-eks guardrails: EFA launch templates and security groups, FSx for Lustre ports, S3 "
                 "encryption, public access and TLS, pinned images, no RDMAV_FORK_SAFE, /dev/shm for GPU pods, "
-                "EFA requests per node and Triton's GPUs per engine.",
+                "EFA requests per node, Triton's GPUs per engine, and protected CI runner nodes and controller.",
     enforcement_level=EnforcementLevel.MANDATORY,
     policies=POLICIES,
 )

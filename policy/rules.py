@@ -1251,6 +1251,47 @@ training_not_evictable = _resource_policy(
 
 
 # ----------------------------------------------------------------------------------------------------------
+# 12. The CI runners' nodes and releases cannot be replaced by the update that runs on them
+
+# Must agree with infra/runners.py (RUNNER_NODE_ROLE, CHART_REPOSITORY); policy/tests check that they do.
+RUNNER_NODE_ROLE = ("nemo-eks/node-role", "ci-runners")
+ARC_CHART_REPOSITORY = "oci://ghcr.io/actions/actions-runner-controller-charts/"
+
+
+def check_runner_guard(resource_type: str, props: dict, protected: bool) -> list[str] | None:
+    """The engine refuses to delete, and so to replace, a protected resource (pulumi.com/docs/iac/concepts/
+    resources/options/protect/), but it allows a replacement in the update that drops the flag (pulumi/pulumi
+    #8873). This rule refuses that update, so the runner running `pulumi up` never loses its node or controller."""
+    if resource_type == NODE_GROUP:
+        labels = get(props, "labels", default={}) or {}
+        if is_unknown(labels) or labels.get(RUNNER_NODE_ROLE[0]) != RUNNER_NODE_ROLE[1]:
+            return None
+        what = "the CI runners' node group"
+    elif resource_type == HELM_RELEASE:
+        chart = get(props, "chart", default="")
+        if not isinstance(chart, str) or not chart.startswith(ARC_CHART_REPOSITORY):
+            return None
+        what = f"Actions Runner Controller release {get(props, 'name', default='?')} ({chart.rsplit('/', 1)[1]})"
+    else:
+        return None
+    return [] if protected else [f"{what} is not protected: an update could replace it while a CI job runs on it"]
+
+
+def _runner_guard_validate(args: ResourceValidationArgs, report_violation: ReportViolation) -> None:
+    for message in check_runner_guard(args.resource_type, plain(args.props), bool(args.opts.protect)) or ():
+        report_violation(message, None)
+
+
+runner_guard = ResourceValidationPolicy(
+    name="ci-runners-protected",
+    description="The CI runners' node group and the Actions Runner Controller releases carry `protect`, so no "
+                "update replaces or deletes what the runner running it stands on.",
+    validate=_runner_guard_validate, enforcement_level=EnforcementLevel.MANDATORY,
+    remediation_steps="Keep protect=True on them (infra/runners.py). To change or remove them, run that update from a "
+                      "workstation (docs/delivery.md, 'Changing the runners'), after `pulumi state unprotect`.")
+
+
+# ----------------------------------------------------------------------------------------------------------
 
 POLICIES: list = [
     efa_launch_template,
@@ -1264,4 +1305,5 @@ POLICIES: list = [
     triton_gpus,
     efa_node_template,
     training_not_evictable,
+    runner_guard,
 ]

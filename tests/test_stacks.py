@@ -54,7 +54,7 @@ def test_every_stack_file_plans(stack_synth, tmp_path):
     assert plan["outputs"]["kubeconfig"] == synth.SECRET
     assert (target / "graph.mmd").read_text().startswith("graph LR")
     assert sorted(p.name for p in (target / "helm").iterdir()) == [
-        "aws-efa-k8s-device-plugin.yaml", "cluster-autoscaler.yaml", "dcgm-exporter.yaml", "kube-prometheus-stack.yaml",
+        "arc.yaml", "aws-efa-k8s-device-plugin.yaml", "cluster-autoscaler.yaml", "dcgm-exporter.yaml", "kube-prometheus-stack.yaml",
         "nvidia-device-plugin.yaml", "prometheus-adapter.yaml"]
     assert len(list((target / "manifests").iterdir())) == len(stack_synth.manifests())
     triton = sorted(str(p.relative_to(target / "triton")) for p in (target / "triton").rglob("*") if p.is_file())
@@ -203,9 +203,10 @@ def test_cluster_settings():
 
 
 def test_public_endpoint_with_allow_list():
-    cluster = synth_stack("dev").one("eks:index:Cluster", "nemo-eks-dev-eks").inputs
+    cluster = synth_config("public-endpoint", {"nemo-eks:cluster": {
+        "publicEndpoint": True, "publicAccessCidrs": ["100.24.1.7/32"]}}).one("eks:index:Cluster", "nemo-eks-test-eks").inputs
     assert cluster["endpointPublicAccess"] is True
-    assert cluster["publicAccessCidrs"] == ["203.0.113.0/24"]
+    assert cluster["publicAccessCidrs"] == ["100.24.1.7/32"]
 
 
 def test_coredns_and_system_nodes():
@@ -367,7 +368,7 @@ def test_pod_identity_roles_are_least_privilege():
     assert trust["Statement"][0]["Principal"] == {"Service": "pods.eks.amazonaws.com"}
     assert trust["Statement"][0]["Action"] == ["sts:AssumeRole", "sts:TagSession"]
     associations = {r.inputs["serviceAccount"]: r.inputs for r in s.resources("aws:eks/podIdentityAssociation:PodIdentityAssociation")
-                    if r.inputs["namespace"] == "nemo"}  # the autoscaler's: tests/test_autoscaler.py
+                    if r.inputs["namespace"] == "nemo"}  # the autoscaler's and CI runners' roles: test_autoscaler, test_runners
     assert set(associations) == {"nemo-training", "nemo-conversion", "nemo-serving"}
     assert all(a["namespace"] == "nemo" and a["clusterName"] == "nemo-eks-dev" for a in associations.values())
 

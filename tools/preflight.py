@@ -17,7 +17,9 @@ check FAILs, else 0. The checks:
   block's start, and no Triton serving (it would stop at the block's end);
 - EKS supports the stack's Kubernetes version in the region;
 - the dataset the stack trains on (``s3://<datasets bucket>/<data.dataset>/train.jsonl`` and the optional
-  ``validation.jsonl``) exists and passes the same validation as ``python -m tools.data validate``.
+  ``validation.jsonl``) exists and passes the same validation as ``python -m tools.data validate``;
+- this machine reaches the cluster's API endpoint (a TCP connection; a WARN before the cluster exists, saying how
+  the first ``pulumi up`` will reach it).
 
 Region and credentials come from the standard AWS environment (AWS_REGION, AWS_DEFAULT_REGION, AWS_PROFILE,
 AWS_ENDPOINT_URL, ...); with no region there, the stack's ``aws:region`` is used. A check whose API call is not
@@ -574,6 +576,52 @@ def _kubernetes_from_addons(eks, version: str, region: str, denied: Exception) -
 REPORT_LINES = 6  # of the validation report, in a FAIL
 
 
+API_PORT = 443
+ENDPOINT_TIMEOUT_SECONDS = 5.0
+REACH_FIXES = ("run from inside the VPC (the stack's CI runners, an SSM port forward through a node, a VPN into the "
+               "VPC), or set cluster.publicEndpoint with cluster.publicAccessCidrs: [\"<your address>/32\"] for the "
+               "bootstrap only (docs/delivery.md, 'Bootstrap')")
+
+
+def tcp_connect(host: str, port: int, timeout: float = ENDPOINT_TIMEOUT_SECONDS) -> str:
+    """Open and close a TCP connection; return the address reached. Raises OSError when it cannot."""
+    import socket
+
+    with socket.create_connection((host, port), timeout=timeout) as connection:
+        return connection.getpeername()[0]
+
+
+def check_api_endpoint(eks, cfg, connect: Callable[[str, int], str] = tcp_connect) -> list[Check]:
+    """`pulumi preview` and `up` declare Kubernetes objects: the machine running them must reach the cluster's API
+    endpoint (a TCP connection to it; authentication is EKS access entries' business)."""
+    from urllib.parse import urlsplit
+
+    name, cluster_name = "api endpoint", cfg.prefix
+    public = "a public endpoint for " + ", ".join(cfg.cluster.public_access_cidrs) if cfg.cluster.public_endpoint \
+        else "a private endpoint only"
+    try:
+        cluster = eks.describe_cluster(name=cluster_name)["cluster"]
+    except _client_errors() as error:
+        if _error_code(error) != "ResourceNotFoundException":
+            raise
+        return [Check(name, WARN, f"cluster {cluster_name} does not exist yet; the stack asks for {public}: the first "
+                                  f"`pulumi up` creates it and then must reach it from here to declare the Kubernetes "
+                                  f"objects", REACH_FIXES)]
+    endpoint = urlsplit(cluster.get("endpoint") or "")
+    if not endpoint.hostname:
+        return [Check(name, WARN, f"cluster {cluster_name} has no endpoint yet (status {cluster.get('status')})",
+                      "run preflight again once the cluster is ACTIVE")]
+    vpc = cluster.get("resourcesVpcConfig", {})
+    try:
+        address = connect(endpoint.hostname, endpoint.port or API_PORT)
+    except OSError as error:
+        live = ("public for " + ", ".join(vpc.get("publicAccessCidrs", []))) if vpc.get("endpointPublicAccess") \
+            else "private only"
+        return [Check(name, FAIL, f"cannot reach {endpoint.hostname}:{endpoint.port or API_PORT} of {cluster_name} "
+                                  f"(endpoint {live}; {error.__class__.__name__}: {error})", REACH_FIXES)]
+    return [Check(name, PASS, f"reached {endpoint.hostname}:{endpoint.port or API_PORT} ({address}) of {cluster_name}")]
+
+
 def check_dataset(s3, cfg, bucket: str | None = None) -> list[Check]:
     """The stack's dataset objects exist and pass the validation ``tools.data validate`` runs."""
     from tools import data
@@ -709,6 +757,7 @@ def run_checks(clients: Clients, cfg, *, bucket: str | None = None, now: datetim
          lambda: check_kubernetes_version(clients("eks"), cfg)),
         ("dataset", "s3", "s3:ListAllMyBuckets, s3:GetBucketTagging, s3:ListBucket, s3:GetObject",
          lambda: check_dataset(clients("s3"), cfg, bucket)),
+        ("api endpoint", "eks", "eks:DescribeCluster", lambda: check_api_endpoint(clients("eks"), cfg)),
     )
     unreachable: set[str] = set()  # an endpoint that did not answer once is not waited for again
     for name, service, permissions, step in steps:

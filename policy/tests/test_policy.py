@@ -78,6 +78,7 @@ class Resource:
     dependencies: list[str] = field(default_factory=list)
     property_dependencies: dict[str, list[str]] = field(default_factory=dict)
     custom: bool = True
+    protect: bool = False
 
 
 _property_dependencies: dict[str, dict[str, list[str]]] = {}
@@ -112,7 +113,7 @@ def stack_resources(stack: str) -> list[Resource]:
             patch.setattr(synth, "_make_mocks", _recording_make_mocks(synth._make_mocks))
             s = synth.synthesize(stack)
         resources = [Resource(r.type, r.name, r.urn, r.inputs, r.parent, list(r.depends_on),
-                              _property_dependencies.get(r.urn, {}), r.custom) for r in s.registrations]
+                              _property_dependencies.get(r.urn, {}), r.custom, r.protect) for r in s.registrations]
         for config_file in s.resources("kubernetes:yaml/v2:ConfigFile"):
             for doc in yaml.safe_load_all((ROOT / config_file.inputs["file"]).read_text()):
                 if not doc:
@@ -161,12 +162,14 @@ def engine_props(props: dict) -> Any:
 
 
 OPTIONS = PolicyResourceOptions(False, [], None, [], PolicyCustomTimeouts(0, 0, 0), [])
+PROTECTED = PolicyResourceOptions(True, [], None, [], PolicyCustomTimeouts(0, 0, 0), [])
 
 
 def run_resource_policy(policy: ResourceValidationPolicy, resource: Resource) -> tuple[list[str], str | None]:
     """(violations, not-applicable reason)."""
     violations: list[str] = []
-    args = ResourceValidationArgs(resource.type, engine_props(resource.props), resource.urn, resource.name, OPTIONS, None)
+    args = ResourceValidationArgs(resource.type, engine_props(resource.props), resource.urn, resource.name,
+                                  PROTECTED if resource.protect else OPTIONS, None)
     try:
         assert policy.validate(args, lambda message, urn=None: violations.append(message)) is None
     except _NotApplicableError as reason:
@@ -260,7 +263,7 @@ STACK_POLICIES = [p for p in rules.POLICIES if isinstance(p, StackValidationPoli
 
 def test_every_rule_is_a_mandatory_policy_with_a_unique_name():
     names = [p.name for p in rules.POLICIES]
-    assert len(names) == len(set(names)) == 11
+    assert len(names) == len(set(names)) == 12
     assert all(p.enforcement_level == EnforcementLevel.MANDATORY for p in rules.POLICIES)
     assert {p.name for p in STACK_POLICIES} == {
         "efa-security-group-self-traffic", "fsx-lustre-security-group-ports", "s3-bucket-encrypted-private-tls-only",
@@ -774,3 +777,29 @@ def test_engine_analyzes_a_stack_and_a_resource(analyzer):
                                                             urn=request.urn, name=request.name))
     assert list(response.diagnostics) == []
     assert [n.policy_name for n in response.not_applicable] == ["efa-launch-template-interfaces"]
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The CI runners' guard
+
+
+def test_runner_guard_constants_agree_with_the_program():
+    from infra import runners
+
+    assert rules.RUNNER_NODE_ROLE == (runners.NODE_ROLE_LABEL, runners.RUNNER_NODE_ROLE)
+    assert rules.ARC_CHART_REPOSITORY == runners.CHART_REPOSITORY + "/"
+
+
+def test_runner_guard_refuses_an_unprotected_runner_node_group_or_arc_release(stack):
+    resources = stack_resources(stack)
+    guarded = [r for r in resources if rules.check_runner_guard(r.type, r.props, True) is not None]
+    assert {r.type for r in guarded} == {rules.NODE_GROUP, rules.HELM_RELEASE}  # it finds what the stack declares
+    assert violations_of(rules.runner_guard, resources) == []
+    for victim in guarded:
+        victim.protect = False
+        [message] = violations_of(rules.runner_guard, resources)
+        assert message.startswith(f"{victim.name}: ") and "not protected" in message
+        victim.protect = True
+    # Other node groups and releases are not its business.
+    gpu_group = next(r for r in resources if r.type == rules.NODE_GROUP and r not in guarded)
+    assert rules.check_runner_guard(gpu_group.type, gpu_group.props, False) is None
