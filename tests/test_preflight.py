@@ -518,13 +518,14 @@ def test_cli_json(aws, capsys):
     assert preflight.main(["--stack", "prod", "--json"]) == 0
     report = json.loads(capsys.readouterr().out)
     assert report["stack"] == "prod" and report["region"] == "us-east-1" and report["region_source"] == "AWS_REGION"
-    assert report["ok"] is True and report["summary"] == {"PASS": 5, "WARN": 4, "FAIL": 0}
+    assert report["ok"] is True and report["summary"] == {"PASS": 5, "WARN": 5, "FAIL": 0}
     assert set(report["checks"][0]) == {"name", "status", "detail", "fix"}
     statuses = {c["name"]: c["status"] for c in report["checks"]}
     assert statuses["reservation gpuNodeGroups[0] (train)"] == WARN  # moto cannot describe it
     assert statuses["capacity window gpuNodeGroups[0] (train)"] == WARN  # nor judge its window
     assert statuses["quota Running On-Demand P instances (L-417A185B)"] == PASS  # a Capacity Block group only
     assert statuses["dataset default"] == WARN  # no bucket: not deployed yet
+    assert statuses["api endpoint"] == WARN  # no cluster yet: how the first up will reach its endpoint
 
 
 def test_cli_fails_in_a_region_without_the_stack_zones(aws, monkeypatch, capsys):
