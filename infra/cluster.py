@@ -13,6 +13,7 @@ import pulumi_kubernetes as k8s
 
 from infra.config import ClusterConfig, SystemNodesConfig
 from infra.gpu_nodes import NODE_ROLE_LABEL
+from infra.naming import fixed_name, name_args
 
 CLUSTER_ADMIN_POLICY = "arn:aws:eks::aws:cluster-access-policy/AmazonEKSClusterAdminPolicy"
 NODE_MANAGED_POLICIES = (
@@ -67,11 +68,12 @@ class Cluster(pulumi.ComponentResource):
 
         secrets_key = aws.kms.Key(f"{name}-secrets", description=f"Envelope encryption of Kubernetes secrets in {args.cluster_name}",
                                   enable_key_rotation=True, deletion_window_in_days=30, tags=tags, opts=child)
-        aws.kms.Alias(f"{name}-secrets-alias", name=f"alias/{args.cluster_name}-secrets", target_key_id=secrets_key.key_id, opts=child)
+        aws.kms.Alias(f"{name}-secrets-alias", name=fixed_name("aws:kms/alias:Alias", f"alias/{args.cluster_name}-secrets"), target_key_id=secrets_key.key_id, opts=child)
 
         # One role for every managed node group: they run the same kubelet, CNI and image pulls. Workloads
         # never use it; they get their own roles through Pod Identity.
-        self.node_role = aws.iam.Role(f"{name}-node", assume_role_policy=assume_role_policy("ec2.amazonaws.com"),
+        self.node_role = aws.iam.Role(f"{name}-node", **name_args("aws:iam/role:Role", f"{name}-node"),
+                                      assume_role_policy=assume_role_policy("ec2.amazonaws.com"),
                                       description=f"Nodes of {args.cluster_name}", tags=tags, opts=child)
         attachments = [
             aws.iam.RolePolicyAttachment(f"{name}-node-{arn.rsplit('/', 1)[1]}", role=self.node_role.name, policy_arn=arn, opts=child)
@@ -114,6 +116,7 @@ class Cluster(pulumi.ComponentResource):
 
         self.system_nodes = aws.eks.NodeGroup(
             f"{name}-system",
+            **name_args("aws:eks/nodeGroup:NodeGroup", f"{name}-system"),
             cluster_name=self.name,
             node_role_arn=self.node_role.arn,
             subnet_ids=list(args.private_subnet_ids),

@@ -15,6 +15,7 @@ import pulumi_aws as aws
 
 from infra.catalog import InstanceType
 from infra.config import GpuNodeGroupConfig
+from infra.naming import name_args
 
 NODE_GROUP_LABEL = "nemo-eks/node-group"
 NODE_ROLE_LABEL = "nemo-eks/node-role"
@@ -140,7 +141,7 @@ class GpuNodeGroup(pulumi.ComponentResource):
         # EFA traffic is OS-bypass between the group's own instances: it must be allowed to and from the group
         # itself, in BOTH directions. A missing egress rule is the classic silent NCCL failure.
         self.efa_security_group = aws.ec2.SecurityGroup(
-            f"{name}-efa", vpc_id=args.vpc_id, description=f"EFA traffic within GPU node group {group.name}",
+            f"{name}-efa", **name_args("aws:ec2/securityGroup:SecurityGroup", f"{name}-efa"), vpc_id=args.vpc_id, description=f"EFA traffic within GPU node group {group.name}",
             tags={**tags, "Name": f"{name}-efa"}, opts=child)
         sg_id = self.efa_security_group.id
         aws.vpc.SecurityGroupIngressRule(f"{name}-efa-in", security_group_id=sg_id, referenced_security_group_id=sg_id,
@@ -153,11 +154,13 @@ class GpuNodeGroup(pulumi.ComponentResource):
         # No placement group with reserved capacity: a Capacity Block or reservation already places its
         # instances close together, and a forced group can make the reservation unusable.
         if group.uses_placement_group:
-            self.placement_group = aws.ec2.PlacementGroup(f"{name}-pg", strategy="cluster", tags=tags, opts=child)
+            self.placement_group = aws.ec2.PlacementGroup(
+                f"{name}-pg", **name_args("aws:ec2/placementGroup:PlacementGroup", f"{name}-pg"), strategy="cluster", tags=tags, opts=child)
             placement = {"group_name": self.placement_group.name}
 
         self.launch_template = aws.ec2.LaunchTemplate(
             f"{name}-lt",
+            **name_args("aws:ec2/launchTemplate:LaunchTemplate", f"{name}-lt"),
             # The instance type lives in the launch template, not the node group: EKS requires that for
             # Capacity Blocks, and one layout for every capacity type keeps the groups alike.
             instance_type=instance.name,
@@ -185,6 +188,8 @@ class GpuNodeGroup(pulumi.ComponentResource):
 
         self.node_group = aws.eks.NodeGroup(
             f"{name}-nodes",
+            # EKS takes at most 63 characters, fewer than the longest stack and group names make.
+            **name_args("aws:eks/nodeGroup:NodeGroup", f"{name}-nodes"),
             cluster_name=args.cluster_name,
             node_role_arn=args.node_role_arn,
             subnet_ids=[args.subnet_id],  # one zone: EFA and the placement group do not span zones

@@ -10,6 +10,7 @@ import pulumi
 import pulumi_aws as aws
 
 from infra.cluster import assume_role_policy
+from infra.naming import name_args
 
 POD_IDENTITY_PRINCIPAL = "pods.eks.amazonaws.com"
 POD_IDENTITY_ACTIONS = ("sts:AssumeRole", "sts:TagSession")
@@ -78,18 +79,21 @@ class WorkloadIdentity(pulumi.ComponentResource):
 
         self.roles, self.associations = {}, {}
         for workload_name, workload in WORKLOADS.items():
-            role = aws.iam.Role(f"{name}-{workload_name}", assume_role_policy=trust, tags=tags,
+            role_name = f"{name}-{workload_name}"
+            role = aws.iam.Role(role_name, **name_args("aws:iam/role:Role", role_name), assume_role_policy=trust, tags=tags,
                                 description=f"Pod Identity role of {args.namespace}/{workload.service_account}", opts=child)
-            aws.iam.RolePolicy(f"{name}-{workload_name}-s3", role=role.id,
+            aws.iam.RolePolicy(f"{role_name}-s3", **name_args("aws:iam/rolePolicy:RolePolicy", f"{role_name}-s3"), role=role.id,
                                policy=bucket_arns.apply(lambda arns, w=workload: s3_access_policy(w, arns)), opts=child)
             self.roles[workload_name] = role
             self.associations[workload_name] = aws.eks.PodIdentityAssociation(
                 f"{name}-{workload_name}-association", cluster_name=args.cluster_name, namespace=args.namespace,
                 service_account=workload.service_account, role_arn=role.arn, tags=tags, opts=child)
 
-        self.fsx_csi_role = aws.iam.Role(f"{name}-fsx-csi", assume_role_policy=trust, tags=tags,
+        self.fsx_csi_role = aws.iam.Role(f"{name}-fsx-csi", **name_args("aws:iam/role:Role", f"{name}-fsx-csi"),
+                                         assume_role_policy=trust, tags=tags,
                                          description="Pod Identity role of the FSx CSI controller", opts=child)
-        aws.iam.RolePolicy(f"{name}-fsx-csi-policy", role=self.fsx_csi_role.id, policy=fsx_csi_policy(), opts=child)
+        aws.iam.RolePolicy(f"{name}-fsx-csi-policy", **name_args("aws:iam/rolePolicy:RolePolicy", f"{name}-fsx-csi-policy"),
+                           role=self.fsx_csi_role.id, policy=fsx_csi_policy(), opts=child)
         self.register_outputs({f"{k}RoleArn": r.arn for k, r in self.roles.items()})
 
 

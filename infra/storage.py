@@ -10,6 +10,7 @@ import pulumi
 import pulumi_aws as aws
 
 from infra.config import StorageConfig
+from infra.naming import name_args
 
 # Kind -> whether S3 keeps old versions. Checkpoints and models are what a run produced: an overwrite or a
 # delete (FSx exports deletions too) must be recoverable. Datasets are inputs that live elsewhere as well.
@@ -58,7 +59,7 @@ class Storage(pulumi.ComponentResource):
 
         self.buckets = {}
         for kind, versioned in BUCKETS.items():
-            bucket = aws.s3.Bucket(f"{name}-{kind}", force_destroy=not cfg.protect,
+            bucket = aws.s3.Bucket(f"{name}-{kind}", **name_args("aws:s3/bucket:Bucket", f"{name}-{kind}"), force_destroy=not cfg.protect,
                                    tags={**tags, "nemo-eks/data": kind}, opts=stateful)
             self.buckets[kind] = bucket
             aws.s3.BucketOwnershipControls(f"{name}-{kind}-ownership", bucket=bucket.id,
@@ -80,7 +81,7 @@ class Storage(pulumi.ComponentResource):
                                                 opts=pulumi.ResourceOptions(parent=self, depends_on=lifecycle_deps))
 
         self.security_group = aws.ec2.SecurityGroup(
-            f"{name}-fsx", vpc_id=args.vpc_id, description="FSx for Lustre: Lustre from the nodes and between file servers",
+            f"{name}-fsx", **name_args("aws:ec2/securityGroup:SecurityGroup", f"{name}-fsx"), vpc_id=args.vpc_id, description="FSx for Lustre: Lustre from the nodes and between file servers",
             tags={**tags, "Name": f"{name}-fsx"}, opts=child)
         # The rules are checked when the file system is created and cannot fix it afterwards: the file system
         # waits for all of them.
