@@ -57,8 +57,9 @@ def node_labels(group: GpuNodeGroupConfig) -> dict[str, str]:
 def efa_network_interfaces(instance: InstanceType, security_group_ids: Sequence[pulumi.Input[str]]) -> list[dict[str, Any]]:
     """One EFA interface per network card. Card 0 is the primary (``efa``: EFA plus an IP address); every other
     card gets device index 1 and ``efa-only``, which takes no VPC address, so a p5's 32 interfaces do not
-    exhaust the subnet (efa-only needs VPC CNI >= 1.18.4). Security groups go on each interface because a
-    launch template with interfaces may not set them at the top level."""
+    exhaust the subnet (efa-only needs VPC CNI >= 1.18.5: EKS user guide, node-efa, "EFA and EFA-only network
+    interfaces"). Security groups go on each interface because a launch template with interfaces may not set
+    them at the top level."""
     interfaces = []
     for card in range(instance.network_cards):
         interfaces.append({

@@ -170,7 +170,8 @@ def test_gpu_node_group():
     assert ng.inputs["labels"]["vpc.amazonaws.com/efa.present"] == "true"
     assert ng.inputs["labels"]["nvidia.com/gpu.present"] == "true"
     assert ng.inputs["subnetIds"] == ["<nemo-eks-dev-private-us-east-1a.id>"]
-    # A GPU node needs the cluster's CNI (EFA-only interfaces need VPC CNI >= 1.18.4) before it joins.
+    # A GPU node needs the cluster's CNI (EFA-only interfaces need VPC CNI >= 1.18.5, EKS node-efa guide)
+    # before it joins.
     assert {"nemo-eks-dev-eks", "nemo-eks-dev-node"} <= refs(ng, s)
 
 
