@@ -11,7 +11,7 @@ import pulumi_aws as aws
 import pulumi_kubernetes as k8s
 
 from infra.config import AddonsConfig
-from infra.gpu_nodes import EFA_PRESENT_LABEL, NODE_ROLE_LABEL, gpu_tolerations
+from infra.gpu_nodes import EFA_PRESENT_LABEL, NODE_ROLE_LABEL, node_agent_tolerations
 from infra.identity import FSX_CSI_SERVICE_ACCOUNT, WORKLOADS
 
 # Relative to the project directory, where Pulumi runs the program: an absolute path would differ between
@@ -32,13 +32,13 @@ def nvidia_device_plugin_values() -> dict[str, Any]:
     # default list, so its CriticalAddonsOnly toleration is kept.
     return {
         "nodeSelector": {NODE_ROLE_LABEL: "gpu"},
-        "tolerations": [{"key": "CriticalAddonsOnly", "operator": "Exists"}, *gpu_tolerations()],
+        "tolerations": [{"key": "CriticalAddonsOnly", "operator": "Exists"}, *node_agent_tolerations()],
     }
 
 
 def efa_device_plugin_values() -> dict[str, Any]:
     # Scheduled only where EFA exists: on other nodes the plugin crash-loops ("No valid EFA devices found").
-    return {"nodeSelector": {EFA_PRESENT_LABEL: "true"}, "tolerations": gpu_tolerations()}
+    return {"nodeSelector": {EFA_PRESENT_LABEL: "true"}, "tolerations": node_agent_tolerations()}
 
 
 def namespace_manifest(name: str) -> dict[str, Any]:

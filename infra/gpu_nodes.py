@@ -29,10 +29,12 @@ ACCELERATOR_LABEL = "k8s.amazonaws.com/accelerator"
 
 # The taints every GPU node carries, in EKS API spelling, with the Kubernetes effect pods must tolerate.
 # nvidia.com/gpu keeps everything that does not ask for GPUs off the most expensive nodes; the FSx taint keeps
-# pods off a new node until the FSx CSI node agent is ready to mount Lustre (the agent removes it).
+# pods off a new node until the FSx CSI node agent is ready to mount Lustre (the agent removes it:
+# aws-fsx-csi-driver docs/install.md, "Configure node startup taint").
+GPU_TAINT = "nvidia.com/gpu"
 FSX_AGENT_TAINT = "fsx.csi.aws.com/agent-not-ready"  # a start-up taint: node autoscalers must be told (infra/autoscaler.py)
 GPU_TAINTS: tuple[tuple[str, str | None, str], ...] = (
-    ("nvidia.com/gpu", "true", "NO_SCHEDULE"),
+    (GPU_TAINT, "true", "NO_SCHEDULE"),
     (FSX_AGENT_TAINT, None, "NO_EXECUTE"),
 )
 _K8S_EFFECT = {"NO_SCHEDULE": "NoSchedule", "NO_EXECUTE": "NoExecute", "PREFER_NO_SCHEDULE": "PreferNoSchedule"}
@@ -41,9 +43,21 @@ EKS_GPU_AMI_TYPE = "AL2023_x86_64_NVIDIA"  # driver, container toolkit, fabric m
 ROOT_DEVICE_NAME = "/dev/xvda"  # AL2023 EKS AMIs
 
 
-def gpu_tolerations() -> list[dict[str, str]]:
-    """Kubernetes tolerations matching GPU_TAINTS, for every pod that must run on GPU nodes."""
-    return [{"key": key, "operator": "Exists", "effect": _K8S_EFFECT[effect]} for key, _, effect in GPU_TAINTS]
+def _tolerations(keys: Sequence[str]) -> list[dict[str, str]]:
+    return [{"key": key, "operator": "Exists", "effect": _K8S_EFFECT[effect]} for key, _, effect in GPU_TAINTS
+            if key in keys]
+
+
+def workload_tolerations() -> list[dict[str, str]]:
+    """For training, evaluation, conversion and serving pods: the GPU taint only. They mount FSx, so they must
+    wait until the FSx node agent has cleared its start-up taint; tolerating it would defeat it."""
+    return _tolerations([GPU_TAINT])
+
+
+def node_agent_tolerations() -> list[dict[str, str]]:
+    """For the DaemonSets a GPU node needs before the FSx agent is ready (device plugins, the DCGM exporter):
+    every GPU taint, start-up taint included, so that a new node advertises its GPUs and EFA at once."""
+    return _tolerations([key for key, _, _ in GPU_TAINTS])
 
 
 def node_labels(group: GpuNodeGroupConfig) -> dict[str, str]:

@@ -10,7 +10,7 @@ import pulumi
 import pulumi_kubernetes as k8s
 
 from infra.config import MonitoringConfig
-from infra.gpu_nodes import GPU_PRESENT_LABEL, NODE_ROLE_LABEL, gpu_tolerations
+from infra.gpu_nodes import GPU_PRESENT_LABEL, NODE_ROLE_LABEL, node_agent_tolerations
 
 NAMESPACE = "monitoring"
 PROMETHEUS_COMMUNITY_REPO = "https://prometheus-community.github.io/helm-charts"
@@ -43,7 +43,7 @@ def kube_prometheus_stack_values() -> dict[str, Any]:
 
 def dcgm_exporter_values() -> dict[str, Any]:
     # GPU nodes only, through their taints; the chart's ServiceMonitor makes Prometheus scrape it.
-    return {"nodeSelector": {GPU_PRESENT_LABEL: "true"}, "tolerations": gpu_tolerations(),
+    return {"nodeSelector": {GPU_PRESENT_LABEL: "true"}, "tolerations": node_agent_tolerations(),
             "serviceMonitor": {"enabled": True, "interval": "15s"}}
 
 

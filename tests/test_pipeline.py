@@ -10,7 +10,7 @@ import pytest
 import yaml
 
 from infra.config import ConfigError, load
-from infra.gpu_nodes import GPU_TAINTS
+from infra.gpu_nodes import FSX_AGENT_TAINT, GPU_TAINT
 from tests.conftest import raw_config, synth_config, synth_stack
 from tools import synth
 from workloads import pipeline, runconfig, training
@@ -115,8 +115,7 @@ def test_training_job_shape_comes_from_the_plan(stack_synth):
         assert fsx["persistentVolumeClaim"]["claimName"] == "fsx"
         assert pod["serviceAccountName"] == "nemo-training"
         assert pod["nodeSelector"] == {"nemo-eks/node-group": cfg.training_node_group}
-        tolerated = {(t["key"], t["effect"]) for t in pod["tolerations"]}
-        assert {(k, {"NO_SCHEDULE": "NoSchedule", "NO_EXECUTE": "NoExecute"}[e]) for k, _, e in GPU_TAINTS} <= tolerated
+        assert {(t["key"], t["effect"]) for t in pod["tolerations"]} == {("nvidia.com/gpu", "NoSchedule")}
         env = {e["name"]: e.get("value") for e in main["env"]}
         assert env["FI_EFA_USE_HUGE_PAGE"] == "0"
         assert not any(name.startswith("RDMAV_") for name in env) and "FI_PROVIDER" not in env
@@ -218,6 +217,32 @@ def test_resolved_training_config_comes_from_the_plan(stack_synth):
 
 
 # ---------------------------------------------------------------------------------------------- conversion and serving
+
+
+def workload_pod_templates(s: synth.Synth) -> dict[str, dict]:
+    """Every pod template of the pipeline: the PyTorchJob's replicas, the Jobs and the Triton Deployment."""
+    templates = {}
+    for manifest in s.manifests():
+        name = f"{manifest['kind']}/{manifest['metadata']['name']}"
+        if manifest["kind"] == "PyTorchJob":
+            for role, replica in manifest["spec"]["pytorchReplicaSpecs"].items():
+                templates[f"{name}/{role}"] = replica["template"]
+        elif manifest["kind"] in ("Job", "Deployment") and manifest["metadata"].get("namespace") == "nemo":
+            templates[name] = manifest["spec"]["template"]
+    return templates
+
+
+def test_workload_pods_tolerate_the_gpu_taint_but_wait_for_fsx(stack_synth):
+    """The FSx start-up taint keeps pods off a node until its Lustre client is ready: a workload pod that
+    tolerated it could start on a node that cannot mount its volume yet."""
+    templates = workload_pod_templates(stack_synth)
+    kinds = {name.split("/")[0] for name in templates}
+    assert {"PyTorchJob", "Job", "Deployment"} <= kinds
+    for name, template in templates.items():
+        keys = {t["key"] for t in template["spec"].get("tolerations", [])}
+        assert FSX_AGENT_TAINT not in keys, name
+        if any("nvidia.com/gpu" in c["resources"].get("limits", {}) for c in template["spec"]["containers"]):
+            assert keys == {GPU_TAINT}, name
 
 
 def test_conversion_job(stack_synth):

@@ -9,7 +9,7 @@ from typing import Any, Mapping, Sequence
 
 from infra.addons import FSX_CLAIM_NAME
 from infra.catalog import InstanceType
-from infra.gpu_nodes import NODE_GROUP_LABEL, gpu_tolerations
+from infra.gpu_nodes import NODE_GROUP_LABEL, workload_tolerations
 from workloads.entrypoints import gatekeeper
 from workloads.entrypoints.layout import ENTRYPOINTS_DIR, FSX_MOUNT, RUN_CONFIG_DIR, RUN_CONFIG_FILE, failure_marker
 
@@ -112,10 +112,11 @@ def env(values: Mapping[str, str], hf_token: bool = False) -> list[dict[str, Any
 
 
 def gpu_scheduling(node_group: str) -> dict[str, Any]:
-    """Pin to the plan's node group and tolerate the GPU nodes' taints; the pod-level hardening every
+    """Pin to the plan's node group and tolerate the GPU taint (not the FSx start-up taint: these pods mount
+    FSx and must wait for its node agent); the pod-level hardening every
     pipeline pod shares (the runtime's seccomp profile; no Kubernetes API token, as none of them calls the
     API: AWS credentials come from Pod Identity, which mounts its own token)."""
-    return {"nodeSelector": {NODE_GROUP_LABEL: node_group}, "tolerations": gpu_tolerations(),
+    return {"nodeSelector": {NODE_GROUP_LABEL: node_group}, "tolerations": workload_tolerations(),
             "automountServiceAccountToken": False,
             "securityContext": {"seccompProfile": {"type": "RuntimeDefault"}}}
 
