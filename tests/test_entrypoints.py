@@ -418,6 +418,45 @@ def fake_trtllm(monkeypatch):
     return calls
 
 
+def test_engine_build_states_kv_cache_reuse_to_the_llm_api(monkeypatch, tmp_path):
+    """KvCacheConfig's enable_block_reuse defaults to True, which the engine LLM API's arbitration cannot
+    combine with FP8: trtllm_calls must pass the setting, not leave it to the default."""
+    recorded = {}
+
+    def recorder(name):
+        def make(**kwargs):
+            recorded[name] = kwargs
+            return types.SimpleNamespace(**kwargs)
+        return make
+
+    class LLM:
+        def __init__(self, **kwargs):
+            recorded["LLM"] = kwargs
+
+        def save(self, path):
+            recorded["saved"] = path
+
+        def shutdown(self):
+            pass
+
+    llmapi = types.SimpleNamespace(**{name: recorder(name) for name in ("BuildConfig", "CalibConfig", "KvCacheConfig",
+                                                                         "QuantConfig")},
+                                   QuantAlgo=types.SimpleNamespace(FP8="FP8"))
+    monkeypatch.setitem(sys.modules, "tensorrt_llm", types.SimpleNamespace(__version__="1.2.1"))
+    monkeypatch.setitem(sys.modules, "tensorrt_llm._tensorrt_engine", types.SimpleNamespace(LLM=LLM))
+    monkeypatch.setitem(sys.modules, "tensorrt_llm.llmapi", llmapi)
+    import trtllm_calls
+
+    trtllm_calls.build_and_save_engine(
+        checkpoint_dir="ckpt", engine_dir=str(tmp_path), tp=2, pp=1, max_batch_size=8, max_num_tokens=4096,
+        max_seq_len=4096, fp8=True, fp8_kv_cache=True, calibration_dir=str(tmp_path), calibration_samples=4,
+        calibration_max_seq_length=512, kv_cache_free_gpu_memory_fraction=0.85,
+        kv_cache_reuse=triton_repo.KV_CACHE_REUSE)
+    assert recorded["KvCacheConfig"] == {"free_gpu_memory_fraction": 0.85, "enable_block_reuse": False}
+    assert recorded["QuantConfig"]["quant_algo"] == "FP8"
+    assert recorded["LLM"]["kv_cache_config"].enable_block_reuse is False
+
+
 def converted_run(tmp_path, stack="prod"):
     run = relocate(RUNS[stack], tmp_path / "fsx")
     layout.write_marker(layout.done_marker(run["paths"]["export_dir"]))
@@ -434,6 +473,10 @@ def test_engine_conversion_builds_once_and_writes_the_repository(tmp_path, templ
     serving = run["serving"]
     assert (call["tp"], call["pp"], call["max_batch_size"], call["fp8"], call["fp8_kv_cache"]) == (
         serving["tp"], serving["pp"], serving["max_batch_size"], True, True)
+    # the engine is built with the KV cache reuse the served config declares (an FP8 build cannot have it)
+    served = parse_pbtxt(triton_repo.model_repository_files(run)["tensorrt_llm/config.pbtxt"])
+    assert call["kv_cache_reuse"] is False
+    assert served.parameters["enable_kv_cache_reuse"].string_value == str(call["kv_cache_reuse"]).lower()
     calibration = Path(call["calibration_dir"], "train.jsonl").read_text().splitlines()
     assert json.loads(calibration[0]) == {"text": "question 0 answer 0"} and len(calibration) == 30
     repo = Path(run["paths"]["model_repository"])

@@ -123,7 +123,8 @@ def build_engine(run: dict) -> dict:
         max_seq_len=serving["max_seq_length"], fp8=fp8, fp8_kv_cache=fp8_kv, calibration_dir=calibration_dir,
         calibration_samples=serving["calibration"]["samples"],
         calibration_max_seq_length=serving["calibration"]["max_seq_length"],
-        kv_cache_free_gpu_memory_fraction=serving["kv_cache_free_gpu_mem_fraction"])
+        kv_cache_free_gpu_memory_fraction=serving["kv_cache_free_gpu_mem_fraction"],
+        kv_cache_reuse=triton_repo.KV_CACHE_REUSE)
     _replace_dir(staged, engine_dir)
     layout.write_marker(layout.done_marker(engine_dir), **details)
     return {"engine": "built", **details}

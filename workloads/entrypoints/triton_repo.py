@@ -322,6 +322,11 @@ def _header(run: dict[str, Any], model: str) -> str:
             f"# Model {model!r} of the TensorRT-LLM inflight_batcher_llm repository; edit run.json, not this file.\n")
 
 
+# KV cache block reuse needs paged context FMHA, which the engine LLM API turns off for FP8 builds: off, for the
+# engine build (build_engine.py) and the served config (below) alike.
+KV_CACHE_REUSE = False
+
+
 def tensorrt_llm_parameters(run: dict[str, Any]) -> dict[str, str]:
     serving, paths = run["serving"], run["paths"]
     return {
@@ -335,7 +340,8 @@ def tensorrt_llm_parameters(run: dict[str, Any]) -> dict[str, str]:
         "exclude_input_in_output": "true",
         # Both need paged context FMHA in the engine, which the engine LLM API turns off for FP8 builds
         # (tensorrt_llm/llmapi/llm_args.py: _setup_quant_config claims use_paged_context_fmha=False for FP8).
-        "enable_kv_cache_reuse": "false",
+        # The engine is built with the same setting (build_engine.py passes KV_CACHE_REUSE).
+        "enable_kv_cache_reuse": str(KV_CACHE_REUSE).lower(),
         "enable_chunked_context": "false",
         "FORCE_CPU_ONLY_INPUT_TENSORS": "no",
         "executor_worker_path": EXECUTOR_WORKER_PATH,

@@ -28,9 +28,16 @@ def tensorrt_llm_version() -> str:
 def build_and_save_engine(*, checkpoint_dir: str, engine_dir: str, tp: int, pp: int, max_batch_size: int,
                           max_num_tokens: int, max_seq_len: int, fp8: bool, fp8_kv_cache: bool,
                           calibration_dir: str | None, calibration_samples: int, calibration_max_seq_length: int,
-                          kv_cache_free_gpu_memory_fraction: float) -> dict[str, Any]:
+                          kv_cache_free_gpu_memory_fraction: float, kv_cache_reuse: bool) -> dict[str, Any]:
     """Build a TensorRT engine from a Hugging Face checkpoint directory and write it to ``engine_dir``
-    (config.json + rank<N>.engine per TP x PP rank). The LLM API spawns the TP x PP MPI workers itself."""
+    (config.json + rank<N>.engine per TP x PP rank). The LLM API spawns the TP x PP MPI workers itself.
+
+    ``kv_cache_reuse`` is what the served config.pbtxt says (enable_kv_cache_reuse), stated here too because
+    KvCacheConfig's enable_block_reuse defaults to True, and a True claims paged context FMHA while an FP8
+    quantisation claims it off: the LLM API's _ConfigArbitrator then refuses the build with a
+    ConfigArbitrateError (tensorrt_llm/llmapi/llm_args.py of the engine LLM API, 0.19: _setup_kv_cache_config
+    claims use_paged_context_fmha=True for enable_block_reuse, _setup_quant_config claims it False for
+    QuantAlgo.FP8, _ConfigArbitrator._arbitrate raises "Cannot set 'use_paged_context_fmha' to be ...")."""
     from tensorrt_llm._tensorrt_engine import LLM
     from tensorrt_llm.llmapi import BuildConfig, CalibConfig, KvCacheConfig, QuantAlgo, QuantConfig
 
@@ -47,7 +54,8 @@ def build_and_save_engine(*, checkpoint_dir: str, engine_dir: str, tp: int, pp: 
                                    calib_batch_size=1, calib_max_seq_length=calibration_max_seq_length)
     llm = LLM(model=checkpoint_dir, tensor_parallel_size=tp, pipeline_parallel_size=pp, build_config=build_config,
               quant_config=quant_config, calib_config=calib_config,
-              kv_cache_config=KvCacheConfig(free_gpu_memory_fraction=kv_cache_free_gpu_memory_fraction))
+              kv_cache_config=KvCacheConfig(free_gpu_memory_fraction=kv_cache_free_gpu_memory_fraction,
+                                            enable_block_reuse=kv_cache_reuse))
     try:
         llm.save(engine_dir)
     finally:
