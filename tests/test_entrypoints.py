@@ -277,9 +277,9 @@ def test_single_gpu_engine_runs_tritonserver_directly():
 def test_multi_gpu_engine_runs_one_tritonserver_per_rank_under_mpirun():
     run = serving_run(tp=4, pp=2)
     command = serve.command_for(run)
-    assert command[:2] == ["mpirun", "--allow-run-as-root"]
+    assert command[:4] == ["mpirun", "--allow-run-as-root", "--bind-to", "none"]
     blocks, block = [], []
-    for word in command[2:] + [":"]:
+    for word in command[4:] + [":"]:
         if word == ":":
             blocks.append(block)
             block = []
@@ -292,6 +292,16 @@ def test_multi_gpu_engine_runs_one_tritonserver_per_rank_under_mpirun():
         assert "--disable-auto-complete-config" in words and "--http-port=8000" in words
         explicit = ["--model-control-mode=explicit", "--load-model=tensorrt_llm"]
         assert all(w in words for w in explicit) == (rank != 0)
+
+
+@pytest.mark.parametrize("tp", [2, 8])
+def test_triton_ranks_are_not_pinned_to_a_core(tp):
+    """Open MPI pins each rank to a core when it starts two or fewer: a TP2 engine's two tritonservers and
+    their Python stubs would each share one core."""
+    command = serve.command_for(serving_run(tp=tp))
+    mpirun_options = command[:command.index("-n")]
+    assert mpirun_options[0] == "mpirun"
+    assert mpirun_options[mpirun_options.index("--bind-to") + 1] == "none"
 
 
 def test_llmapi_keeps_auto_complete_for_model_yaml():
@@ -312,7 +322,7 @@ def test_serve_print_and_refusal(tmp_path, capsys):
     run = relocate(serving_run(tp=2), tmp_path)
     path = write_run(run, tmp_path)
     assert serve.main(["--config", path, "--print"]) == 0
-    assert capsys.readouterr().out.startswith("mpirun --allow-run-as-root -n 1 /opt/tritonserver/bin/tritonserver")
+    assert capsys.readouterr().out.startswith("mpirun --allow-run-as-root --bind-to none -n 1 /opt/tritonserver/bin/tritonserver")
     assert serve.main(["--config", path]) == 1  # no conversion marker: never exec a partial repository
     assert "CONVERSION_COMPLETE is missing" in capsys.readouterr().err
 

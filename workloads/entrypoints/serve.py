@@ -39,7 +39,11 @@ def engine_command(repository: str, world_size: int, tritonserver: str = TRITONS
         # launch_triton_server.py --no-mpi: a single-GPU engine needs no MPI world.
         return [tritonserver, *_server_args(repository), "--disable-auto-complete-config",
                 "--backend-config=python,shm-region-prefix-name=prefix0_"]
-    command = ["mpirun", "--allow-run-as-root"]
+    # Open MPI binds each rank to one core when it starts two processes or fewer, and to one package when more
+    # (mpirun(1), Open MPI 4.1 and 5.0: "mpirun automatically binds processes to hardware resources ... Bind to
+    # core: when the number of processes is <= 2"). A rank is a whole tritonserver with its Python-backend
+    # stubs and executor threads: pinned to one core they queue behind each other, so no binding at all.
+    command = ["mpirun", "--allow-run-as-root", "--bind-to", "none"]
     for rank in range(world_size):
         command += ["-n", "1", tritonserver, *_server_args(repository)]
         if rank != 0:
