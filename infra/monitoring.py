@@ -3,6 +3,7 @@ DCGM exporter on the GPU nodes and prometheus-adapter for the autoscaler's Trito
 
 from __future__ import annotations
 
+import urllib.parse
 from dataclasses import dataclass
 from typing import Any, Sequence
 
@@ -47,12 +48,20 @@ def dcgm_exporter_values() -> dict[str, Any]:
             "serviceMonitor": {"enabled": True, "interval": "15s"}}
 
 
+def prometheus_endpoint(prometheus_url: str) -> dict[str, Any]:
+    """The chart's prometheus.url, port and path: it renders ``--prometheus-url={{ url }}{{ if port }}:{{ port
+    }}{{ end }}{{ path }}`` (prometheus-community/helm-charts, tag prometheus-adapter-5.3.0,
+    charts/prometheus-adapter/templates/deployment.yaml; values.yaml defaults port 9090, path ""), so a URL
+    with a path must be split, or the port lands after the path."""
+    parts = urllib.parse.urlsplit(prometheus_url)
+    port = parts.port or (443 if parts.scheme == "https" else 80)
+    path = parts.path + (f"?{parts.query}" if parts.query else "")
+    return {"url": f"{parts.scheme}://{parts.hostname}", "port": port, "path": path}
+
+
 def prometheus_adapter_values(prometheus_url: str) -> dict[str, Any]:
-    url, _, port = prometheus_url.rpartition(":")
-    if not port.isdigit():
-        url, port = prometheus_url, "443" if prometheus_url.startswith("https") else "80"
     return {
-        "prometheus": {"url": url, "port": int(port)},
+        "prometheus": prometheus_endpoint(prometheus_url),
         "nodeSelector": {NODE_ROLE_LABEL: "system"},
         "rules": {"default": False, "custom": [{
             "seriesQuery": 'nv_inference_queue_duration_us{namespace!="",pod!=""}',

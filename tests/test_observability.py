@@ -11,7 +11,7 @@ import pytest
 import yaml
 
 from infra.config import ConfigError, load
-from infra.monitoring import QUEUE_TIME_METRIC
+from infra.monitoring import QUEUE_TIME_METRIC, prometheus_adapter_values
 from tests.conftest import raw_config, synth_config, synth_stack
 from tools import synth
 from workloads import observability
@@ -151,7 +151,7 @@ def test_metrics_stack_releases():
     hpa = next(m for m in s.manifests() if m["kind"] == "HorizontalPodAutoscaler")
     assert hpa["spec"]["metrics"][0]["pods"]["metric"]["name"] == QUEUE_TIME_METRIC
     assert adapter.inputs["values"]["prometheus"] == {"url": "http://kube-prometheus-stack-prometheus.monitoring.svc",
-                                                      "port": 9090}
+                                                      "port": 9090, "path": ""}
     # Monitors wait for the CRDs the stack installs.
     rule_resource = s.one("kubernetes:monitoring.coreos.com/v1:PrometheusRule", "nemo-eks-dev-pipeline-alerts")
     assert "nemo-eks-dev-monitoring-kube-prometheus-stack" in {s.name_of(u) for u in rule_resource.depends_on}
@@ -169,8 +169,26 @@ def test_existing_prometheus():
     charts = {r.inputs["chart"] for r in s.resources(RELEASE)}
     assert "kube-prometheus-stack" not in charts and {"dcgm-exporter", "prometheus-adapter"} <= charts
     adapter = next(r for r in s.resources(RELEASE) if r.inputs["chart"] == "prometheus-adapter")
-    assert adapter.inputs["values"]["prometheus"]["url"] == "http://prometheus.observability.svc"
+    assert adapter.inputs["values"]["prometheus"] == {"url": "http://prometheus.observability.svc", "port": 9090,
+                                                      "path": ""}
     assert s.resources("kubernetes:monitoring.coreos.com/v1:PrometheusRule")
+
+
+def rendered_prometheus_url(values: dict) -> str:
+    """What prometheus-adapter 5.3.0's deployment template makes of the values: url, ':port' if a port is set,
+    then path (charts/prometheus-adapter/templates/deployment.yaml)."""
+    prometheus = {"port": 9090, "path": "", **values["prometheus"]}  # the chart's values.yaml defaults
+    return prometheus["url"] + (f":{prometheus['port']}" if prometheus["port"] else "") + prometheus["path"]
+
+
+@pytest.mark.parametrize("given,rendered", [
+    ("https://amp.example.com/workspaces/ws-1", "https://amp.example.com:443/workspaces/ws-1"),
+    ("http://prometheus.observability.svc:9090", "http://prometheus.observability.svc:9090"),
+    ("http://thanos-query.monitoring.svc:10902/prefix/", "http://thanos-query.monitoring.svc:10902/prefix/"),
+    ("http://kube-prometheus-stack-prometheus.monitoring.svc:9090", "http://kube-prometheus-stack-prometheus.monitoring.svc:9090"),
+])
+def test_prometheus_adapter_gets_the_url_the_chart_can_render(given, rendered):
+    assert rendered_prometheus_url(prometheus_adapter_values(given)) == rendered
 
 
 def test_existing_prometheus_needs_its_url():
