@@ -68,6 +68,10 @@ CAPACITY_TYPES = ("ON_DEMAND", "SPOT", "CAPACITY_BLOCK")
 MONITORING_STACKS = ("kube-prometheus-stack", "existing", "none")
 NAT_MODES = ("single", "perAz")
 FSX_THROUGHPUTS_MB_PER_TIB = (125, 250, 500, 1000)  # PERSISTENT_2 SSD, FSx Lustre guide "Throughput capacity"
+# FSx API CreateFileSystemLustreMetadataConfiguration: Mode AUTOMATIC | USER_PROVISIONED; Iops (USER_PROVISIONED
+# only) for SSD file systems 1500, 3000, 6000, 12000 and multiples of 12000 up to 192000.
+FSX_METADATA_MODES = ("AUTOMATIC", "USER_PROVISIONED")
+FSX_METADATA_IOPS = (1500, 3000, 6000, *range(12000, 192001, 12000))
 MIN_KUBERNETES_MINOR = 31
 # The newest Cluster Autoscaler release of each Kubernetes minor (release tags cluster-autoscaler-1.NN.P of
 # github.com/kubernetes/autoscaler, as of 2026-07-22; images registry.k8s.io/autoscaling/cluster-autoscaler:v1.NN.P).
@@ -111,6 +115,8 @@ KEYS: tuple[Key, ...] = (
     Key("storage.fsxStorageCapacityGib", "integer", Derived("from the sizing plan"), "1200, 2400, then multiples of 2400; at least the plan's need", "FSx for Lustre PERSISTENT_2 capacity (dataset, base model, kept checkpoints, exports)."),
     Key("storage.fsxThroughputPerTib", "integer", Derived("from the sizing plan"), ", ".join(map(str, FSX_THROUGHPUTS_MB_PER_TIB)), "FSx throughput per TiB of capacity (MB/s/TiB); the plan sizes it to write a checkpoint in about ten minutes."),
     Key("storage.fsxAvailabilityZone", "string", Derived("first GPU group's zone"), "one of the network's zones", "Zone of the file system; put it next to the GPU nodes."),
+    Key("storage.fsxMetadataMode", "string", "AUTOMATIC", ", ".join(FSX_METADATA_MODES), "Metadata performance of the file system: AUTOMATIC scales metadata IOPS with capacity, USER_PROVISIONED takes fsxMetadataIops. Set at creation; adding it to a file system created without one replaces the file system."),
+    Key("storage.fsxMetadataIops", "integer", None, "1500, 3000, 6000, or 12000..192000 in steps of 12000; only with USER_PROVISIONED", "Metadata IOPS of a USER_PROVISIONED file system (can be raised later, lowering it replaces the file system)."),
     Key("storage.noncurrentVersionDays", "integer", 30, "1..3650", "Days old versions of checkpoints and models are kept in S3."),
     Key("storage.abortIncompleteUploadDays", "integer", 7, "1..365", "Days before unfinished multipart uploads are removed."),
     Key("storage.protect", "boolean", Derived("true for prod stacks"), "true, false", "Protect buckets and the file system from deletion and retain them when the stack is destroyed."),
@@ -268,6 +274,8 @@ class StorageConfig:
     noncurrent_version_days: int
     abort_incomplete_upload_days: int
     protect: bool
+    fsx_metadata_mode: str = "AUTOMATIC"
+    fsx_metadata_iops: int | None = None
 
 
 @dataclass(frozen=True)
@@ -1046,8 +1054,16 @@ def _load_storage(s: _Section, network: NetworkConfig, groups: Sequence[GpuNodeG
     abort_days = s.get("abortIncompleteUploadDays")
     _check(1 <= abort_days <= 365, s.where("abortIncompleteUploadDays"), abort_days, "1..365")
     protect = s.get("protect", is_prod_stack(stack))
+    metadata_mode = _in(s.where("fsxMetadataMode"), s.get("fsxMetadataMode"), FSX_METADATA_MODES)
+    metadata_iops = s.get("fsxMetadataIops")
+    if metadata_mode == "USER_PROVISIONED":
+        _check(metadata_iops in FSX_METADATA_IOPS, s.where("fsxMetadataIops"), metadata_iops,
+               _KEYS_BY_PATH["storage.fsxMetadataIops"].allowed)
+    else:
+        _check(metadata_iops is None, s.where("fsxMetadataIops"), metadata_iops,
+               "unset unless storage.fsxMetadataMode is USER_PROVISIONED", "AUTOMATIC mode sizes metadata IOPS itself")
     s.finish()
-    return StorageConfig(capacity, throughput, zone, noncurrent, abort_days, protect)
+    return StorageConfig(capacity, throughput, zone, noncurrent, abort_days, protect, metadata_mode, metadata_iops)
 
 
 _DATASET = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")

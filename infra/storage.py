@@ -36,6 +36,13 @@ def lifecycle_rules(versioned: bool, config: StorageConfig) -> list[dict[str, An
     return rules
 
 
+def metadata_configuration(config: StorageConfig) -> dict[str, Any]:
+    """pulumi-aws LustreFileSystemMetadataConfigurationArgs: mode, and iops for USER_PROVISIONED only."""
+    if config.fsx_metadata_mode == "USER_PROVISIONED":
+        return {"mode": "USER_PROVISIONED", "iops": config.fsx_metadata_iops}
+    return {"mode": config.fsx_metadata_mode}
+
+
 @dataclass(frozen=True)
 class StorageArgs:
     config: StorageConfig
@@ -113,6 +120,9 @@ class Storage(pulumi.ComponentResource):
             subnet_ids=args.subnet_id,
             security_group_ids=[self.security_group.id],
             data_compression_type="LZ4",
+            # Only at creation: a PERSISTENT_2 file system made without a metadata configuration can never raise
+            # its metadata performance (FSx Lustre guide, "Managing metadata performance").
+            metadata_configuration=metadata_configuration(cfg),
             file_system_type_version="2.15",
             # The durable copy is S3 through the repository associations; FSx backups would duplicate it.
             automatic_backup_retention_days=0,

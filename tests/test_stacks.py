@@ -10,8 +10,9 @@ import pytest
 import yaml
 
 from infra import catalog
+from infra.config import ConfigError, load
 from tools import synth
-from tests.conftest import synth_config, synth_stack
+from tests.conftest import raw_config, synth_config, synth_stack
 
 LT = "aws:ec2/launchTemplate:LaunchTemplate"
 NODE_GROUP = "aws:eks/nodeGroup:NodeGroup"
@@ -299,6 +300,28 @@ def test_fsx_file_system():
     assert fs.inputs["subnetIds"] == "<nemo-eks-prod-private-us-east-1b.id>"  # a string in pulumi-aws 7
     assert fs.protect and fs.retain_on_delete
     assert not synth_stack("dev").one(FSX, "nemo-eks-dev-storage-lustre").protect
+    # declared at creation: a PERSISTENT_2 file system made without one can never raise its metadata performance
+    assert fs.inputs["metadataConfiguration"] == {"mode": "AUTOMATIC"}
+
+
+def test_fsx_metadata_iops_from_config():
+    s = synth_config("fsx-metadata", {"nemo-eks:storage": {"fsxMetadataMode": "USER_PROVISIONED",
+                                                           "fsxMetadataIops": 24000}})
+    fs = s.one(FSX, "nemo-eks-test-storage-lustre")
+    assert fs.inputs["metadataConfiguration"] == {"mode": "USER_PROVISIONED", "iops": 24000}
+
+
+@pytest.mark.parametrize("storage,key,allowed", [
+    ({"fsxMetadataMode": "USER_PROVISIONED"}, "fsxMetadataIops", "12000..192000 in steps of 12000"),
+    ({"fsxMetadataMode": "USER_PROVISIONED", "fsxMetadataIops": 13000}, "fsxMetadataIops", "1500, 3000, 6000"),
+    ({"fsxMetadataMode": "USER_PROVISIONED", "fsxMetadataIops": 204000}, "fsxMetadataIops", "192000"),
+    ({"fsxMetadataIops": 3000}, "fsxMetadataIops", "unless storage.fsxMetadataMode is USER_PROVISIONED"),
+    ({"fsxMetadataMode": "automatic"}, "fsxMetadataMode", "AUTOMATIC, USER_PROVISIONED"),
+])
+def test_fsx_metadata_settings_fsx_would_reject_fail_in_config(storage, key, allowed):
+    with pytest.raises(ConfigError) as caught:
+        load(raw_config({"nemo-eks:storage": storage}), "dev")
+    assert caught.value.key == f"nemo-eks:storage.{key}" and allowed in caught.value.allowed
 
 
 def test_fsx_security_group_opens_lustre_ports_to_nodes_and_itself():
