@@ -5,8 +5,9 @@
 #   bash tests/nemo/run.sh [pytest args...]
 #
 # .venv-nemo is kept between runs; it is rebuilt only when requirements.txt changes (a stamp file holds the
-# hash), so a second run costs only the tests. The run.json files come from the main .venv (infra.config and
-# workloads.runconfig need PyYAML and our config code, not NeMo), written to a temp dir named by NEMO_EKS_RUNS_DIR.
+# hash), so a second run costs only the tests. The run.json files come from the main .venv (tests/nemo/write_runs.py:
+# infra.config and workloads.runconfig need PyYAML and our config code, not NeMo), written to a temp dir named by
+# NEMO_EKS_RUNS_DIR.
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
@@ -38,21 +39,8 @@ fi
 
 RUNS_DIR="$(mktemp -d)"
 trap 'rm -rf "$RUNS_DIR"' EXIT
-"$MAIN_PY" - "$RUNS_DIR" <<'PY'
-import json, sys
-from pathlib import Path
-from infra import config
-from tools import synth
-from workloads import runconfig
-
-out = Path(sys.argv[1])
-# exactly what the training pods are given
-for stack in synth.stack_names():
-    raw, secret_keys = synth.read_stack_config(stack)
-    document = runconfig.training_document(config.load(raw, stack, secret_keys=secret_keys))
-    (out / f"{stack}.json").write_text(json.dumps(document, indent=1))
-PY
-
+# exactly what the training pods are given, and the planner shapes no stack file has
+"$MAIN_PY" -m tests.nemo.write_runs "$RUNS_DIR"
 export NEMO_EKS_RUNS_DIR="$RUNS_DIR"
 # No accelerator and no network here: keep NeMo, Lightning and Hugging Face from looking for either.
 export CUDA_VISIBLE_DEVICES="" HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 NEMO_HOME="$RUNS_DIR/nemo-home"

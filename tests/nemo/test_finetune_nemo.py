@@ -1,10 +1,13 @@
 """The fine-tuning entrypoint builds its real NeMo 2 objects from every stack's run.json (nemo_toolkit 2.7.3, CPU).
 
-Runs in .venv-nemo via tests/nemo/run.sh, which writes each stack's run.json into NEMO_EKS_RUNS_DIR with the main
-environment (the config code needs Pulumi-side packages this environment does not have). Nothing trains: the
-configuration is built with fiddle exactly as ``nemo_run.run(recipe, direct=True)`` builds it in the pod, with two
-test-only overrides because the test environment has neither a GPU nor Transformer Engine: the trainer's accelerator
-(cpu, one device) and ``apply_rope_fusion=False`` (Megatron's config rejects the fused RoPE without TE).
+Runs in .venv-nemo via tests/nemo/run.sh, which writes the run.json of every stack file and of the planner shapes
+of tests/nemo/write_runs.py into NEMO_EKS_RUNS_DIR with the main environment (the config code needs Pulumi-side
+packages this environment does not have). Nothing trains. The configuration is built with fiddle exactly as
+``nemo_run.run(recipe, direct=True)`` builds it in the pod, with two test-only overrides because the test
+environment has neither a GPU nor Transformer Engine: the trainer's accelerator (cpu) and
+``apply_rope_fusion=False`` (Megatron's config rejects the fused RoPE without TE). Then what ``llm.finetune`` does
+before ``trainer.fit`` runs with NeMo's and Megatron-Core's own code: ``_validate_config``, the optimizer's and
+the strategy's ``connect``, and the optimizer construction, as far as a CPU goes.
 """
 
 from __future__ import annotations
@@ -13,6 +16,7 @@ import copy
 import json
 import os
 import sys
+import traceback
 from pathlib import Path
 
 import pytest
@@ -44,7 +48,20 @@ def build_for_test(run_file: Path):
 
 def test_every_stack_has_a_run_file():
     stacks = {p.name[len("Pulumi."):-len(".yaml")] for p in STACK_FILES}
-    assert {p.stem for p in RUN_FILES} == stacks
+    assert {p.stem for p in RUN_FILES if not p.stem.startswith("shape-")} == stacks
+
+
+def test_run_files_cover_every_kind_of_plan():
+    """The stack files and the planner shapes of write_runs.py together: each kind of plan NeMo checks
+    differently is built and validated below."""
+    kinds = set()
+    for run_file in RUN_FILES:
+        training = json.loads(run_file.read_text())["training"]
+        par, layers = training["parallelism"], training["model"]["layers"]
+        kinds |= {training["method"], training["precision"]}
+        kinds |= {"cp>1"} if par["cp"] > 1 else set()
+        kinds |= {"uneven pp"} if par["pp"] > 1 and layers % par["pp"] else set()
+    assert kinds >= {"lora", "sft", "bf16", "fp8", "cp>1", "uneven pp"}
 
 
 @pytest.fixture(scope="module", params=RUN_FILES, ids=lambda p: p.stem)
@@ -260,3 +277,121 @@ def test_pipeline_split_rejects_an_impossible_layout():
     assert finetune.pipeline_split(80, 4)["account_for_loss_in_pipeline_split"] is False
     with pytest.raises(ValueError, match="do not split"):
         finetune.pipeline_split(126, 5)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Past fiddle.build: what llm.finetune does before trainer.fit, with NeMo's and Megatron-Core's own code
+
+
+def build_in_cluster_shape(run_file: Path):
+    """The run's objects with the trainer of the real cluster shape (nodes x GPUs per node) on the CPU
+    accelerator: NeMo's checks compare the device count with TP x PP x CP x DP."""
+    import fiddle as fdl
+
+    run = json.loads(run_file.read_text())
+    testable = copy.deepcopy(finetune.build_recipe(run))
+    testable.trainer.accelerator = "cpu"
+    testable.model.config.apply_rope_fusion = False
+    return run, fdl.build(testable).keywords
+
+
+@pytest.fixture(scope="module", params=RUN_FILES, ids=lambda p: p.stem)
+def shaped(request):
+    return build_in_cluster_shape(request.param)
+
+
+def test_llm_finetune_accepts_the_configuration(shaped):
+    """llm.finetune runs _validate_config on its arguments before it trains (nemo/collections/llm/api.py,
+    2.7.3): CP > 1 needs per-token loss, the devices must divide by TP x PP x CP, the global batch by the
+    micro batch times DP, a pipeline needs a dtype."""
+    from nemo.collections.llm.api import _validate_config
+
+    run, objects = shaped
+    trainer = objects["trainer"]
+    par = run["training"]["parallelism"]
+    assert (trainer.num_nodes, trainer.num_devices) == (par["nodes"], par["gpus_per_node"])
+    _validate_config(objects["model"], objects["data"], trainer, log=objects["log"], resume=objects["resume"],
+                     optim=objects["optim"], model_transform=objects["peft"])
+    assert objects["model"].config.calculate_per_token_loss == (par["cp"] > 1)
+
+
+def test_strategy_configures_the_model_and_the_optimizer(shaped):
+    """What llm.finetune's setup does next: the optimizer module connects to the model and the strategy
+    copies the parallel layout and the precision into Megatron's TransformerConfig, whose __post_init__
+    checks them (heads over TP, sequence parallelism, FP8), and aligns the DDP config with the optimizer."""
+    run, objects = shaped
+    model, strategy, optim = objects["model"], objects["trainer"].strategy, objects["optim"]
+    training = run["training"]
+    par = training["parallelism"]
+    optim.connect(model)
+    strategy.connect(model)
+    config = model.config
+    assert (config.tensor_model_parallel_size, config.pipeline_model_parallel_size, config.context_parallel_size) == (
+        par["tp"], par["pp"], par["cp"])
+    assert config.sequence_parallel == (par["sequence_parallel"] and par["tp"] > 1)
+    assert config.fp8 == ("hybrid" if training["precision"] == "fp8" else None)
+    assert config.bf16 and optim.config.bf16
+    distributed = training["method"] == "sft"
+    assert optim.config.use_distributed_optimizer == strategy.ddp_config.use_distributed_optimizer == distributed
+    assert strategy.ddp_config.average_in_collective is False  # CP > 1 fine-tuning requires it (_validate_config)
+
+
+@pytest.fixture(scope="module")
+def megatron_process_groups():
+    """One rank on gloo: Megatron-Core's optimizer looks up its data-parallel groups."""
+    import socket
+
+    import torch.distributed as dist
+    from megatron.core import parallel_state
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
+    parallel_state.initialize_model_parallel()
+    yield
+    parallel_state.destroy_model_parallel()
+    dist.destroy_process_group()
+
+
+def test_optimizer_builds_with_this_megatron_core(shaped, megatron_process_groups):
+    """NeMo's MegatronOptimizerModule builds Megatron-Core's optimizer with get_megatron_optimizer(...,
+    no_weight_decay_cond=...): Megatron-Core 0.16 removed that argument and the call fails with a TypeError
+    (on a GPU too). Here the real call runs with the run's optimizer and DDP configuration, over a one-layer
+    module standing in for the model (Megatron's DDP wrapper allocates its buffers on CUDA): it builds the
+    parameter groups and the torch optimizer, and stops only where Megatron's mixed-precision wrapper puts its
+    first tensor on CUDA."""
+    import torch
+    from megatron.core.optimizer.optimizer import MixedPrecisionOptimizer
+    from megatron.core.transformer.module import MegatronModule
+    from megatron.core.transformer.transformer_config import TransformerConfig
+    from nemo.lightning.megatron_parallel import MegatronParallel
+
+    run, objects = shaped
+    strategy, optim = objects["trainer"].strategy, objects["optim"]
+    optim.connect(objects["model"])
+    strategy.connect(objects["model"])
+
+    class OneLayer(MegatronModule):
+        def __init__(self):
+            super().__init__(TransformerConfig(num_layers=1, hidden_size=8, num_attention_heads=1,
+                                               use_cpu_initialization=True))
+            self.linear = torch.nn.Linear(8, 8)
+            self.ddp_config = strategy.ddp_config  # what Megatron's DDP wrapper carries
+
+    class Wrapped(torch.nn.Module):  # MegatronParallel holds each chunk inside its DDP wrapper
+        def __init__(self):
+            super().__init__()
+            self.module = OneLayer()
+
+    model = MegatronParallel([Wrapped()], ddp_config=strategy.ddp_config, cpu=True)
+    with pytest.raises(AssertionError, match="Torch not compiled with CUDA enabled") as failure:
+        optim.optimizers(model)
+    frames = [frame for frame, _ in traceback.walk_tb(failure.tb)]
+    reached = [type(f.f_locals["self"]).__name__ for f in frames
+               if f.f_code.co_name == "__init__" and isinstance(f.f_locals.get("self"), MixedPrecisionOptimizer)]
+    expected = "DistributedOptimizer" if run["training"]["method"] == "sft" else "Float16OptimizerWithFloat16Params"
+    assert reached and reached[0] == expected
+    inner = next(f.f_locals["optimizer"] for f in frames if f.f_code.co_name == "__init__"
+                 and isinstance(f.f_locals.get("optimizer"), torch.optim.Optimizer))
+    assert inner.defaults["lr"] == run["training"]["optimizer"]["lr"]

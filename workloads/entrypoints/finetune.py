@@ -110,6 +110,13 @@ def build_recipe(run: dict[str, Any]):
     # FP8 weight/transpose cache kept between micro-batches
     memory = training["memory"]
     recipe.model.config.disable_parameter_transpose_cache = memory["disable_parameter_transpose_cache"]
+    if par["cp"] > 1:
+        # A context-parallel rank whose share of a sequence is all masked (prompt) tokens gets a NaN loss when
+        # the loss is averaged per rank; it is summed per token instead. llm.finetune asserts it before
+        # training (nemo_toolkit 2.7.3,
+        # nemo/collections/llm/api.py _validate_config, "When finetuning with CP>1,
+        # model.config.calculate_per_token_loss must be True").
+        recipe.model.config.calculate_per_token_loss = True
     if par["recompute"] == "full":
         # recompute every layer's activations in the backward pass (uniform, one layer per checkpoint)
         recipe.model.config.recompute_granularity = "full"
