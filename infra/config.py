@@ -167,8 +167,13 @@ KEYS: tuple[Key, ...] = (
     Key("faultTolerance.rendezvousTimeoutSeconds", "integer", 1800, "60..7200", "How long torchrun waits for every node to join (at the start, after a restart, for a replacement node); keep it above the time a new GPU node takes to join the cluster."),
     Key("monitoring.stack", "string", "kube-prometheus-stack", ", ".join(MONITORING_STACKS), "kube-prometheus-stack: install it (Prometheus, Alertmanager, Grafana) with the DCGM exporter and prometheus-adapter; existing: a Prometheus with the prometheus-operator CRDs is already in the cluster (give its URL); none: no metrics stack, monitors or alerts."),
     Key("monitoring.prometheusUrl", "string", Derived("the installed stack's Prometheus"), "http(s)://host[:port]", "Prometheus that prometheus-adapter queries for the autoscaler's metric (required with stack: existing)."),
+    # Chart pins, each checked against its publisher on 2026-12-06: kube-prometheus-stack 85.1.2 and
+    # prometheus-adapter 5.3.0 are chart-releaser release tags of prometheus-community/helm-charts
+    # (kube-prometheus-stack-85.1.2, 2026-05-16; prometheus-adapter-5.3.0, 2026-02-19); dcgm-exporter 4.8.2 is
+    # the newest entry of https://nvidia.github.io/dcgm-exporter/helm-charts/index.yaml (generated 2026-05-05;
+    # 4.8.3 is not in it).
     Key("monitoring.kubePrometheusStackVersion", "string", "85.1.2", "a chart version of kube-prometheus-stack", "kube-prometheus-stack Helm chart version."),
-    Key("monitoring.dcgmExporterVersion", "string", "4.8.3", "a chart version of dcgm-exporter", "NVIDIA DCGM exporter Helm chart version (GPU metrics)."),
+    Key("monitoring.dcgmExporterVersion", "string", "4.8.2", "a chart version of dcgm-exporter", "NVIDIA DCGM exporter Helm chart version (GPU metrics)."),
     Key("monitoring.prometheusAdapterVersion", "string", "5.3.0", "a chart version of prometheus-adapter", "prometheus-adapter Helm chart version (Triton's queue time for the autoscaler)."),
     Key("monitoring.throughputDropFraction", "number", 0.3, "0.05..0.95", "Alert when training throughput falls this fraction below its 6-hour average."),
     Key("monitoring.lossWindowMinutes", "integer", 60, "15..1440", "Alert when the training loss has not fallen over this window."),
@@ -182,8 +187,11 @@ KEYS: tuple[Key, ...] = (
     Key("images.training", "string", Derived("multi-node EFA runs: the image built from images/training in this stack's ECR repository, tagged with the NeMo tag and the EFA installer version (e.g. 26.02-efa1.50.0); otherwise images.nemo"), "an image pinned by tag, built from images/training/Dockerfile or equivalent", "Image of the training pods. Multi-node runs need NCCL over EFA, which the stock NeMo image cannot load."),
     Key("efa.fabricTest", "boolean", True, "true, false", "Multi-node runs: measure all-reduce bus bandwidth across the run's nodes before training; stop the run when it is below the floor."),
     Key("efa.minBusBandwidthGBps", "number", Derived("the instance type's floor, infra/catalog.py FABRIC_FLOORS"), "> 0", "Floor of the fabric test: all-reduce bus bandwidth (GB/s, nccl-tests' busbw) at 1 GiB and larger messages."),
+    # nvidia-device-plugin 0.20.0: an entry of https://nvidia.github.io/k8s-device-plugin/index.yaml (generated
+    # 2026-08-20); aws-efa-k8s-device-plugin v0.5.30 (app v0.5.20): the newest entry of
+    # https://aws.github.io/eks-charts/index.yaml (generated 2026-08-03; v0.5.31 is not in it). Read 2026-12-06.
     Key("addons.nvidiaDevicePluginVersion", "string", "0.20.0", "a chart version of nvidia-device-plugin", "NVIDIA device plugin Helm chart version."),
-    Key("addons.efaDevicePluginVersion", "string", "v0.5.31", "a chart version of aws-efa-k8s-device-plugin", "AWS EFA device plugin Helm chart version."),
+    Key("addons.efaDevicePluginVersion", "string", "v0.5.30", "a chart version of aws-efa-k8s-device-plugin", "AWS EFA device plugin Helm chart version."),
     Key("addons.podIdentityAgentVersion", "string", None, "an EKS add-on version", "eks-pod-identity-agent add-on version; unset takes EKS's default for the cluster version."),
     Key("addons.fsxCsiDriverVersion", "string", None, "an EKS add-on version", "aws-fsx-csi-driver add-on version; unset takes EKS's default for the cluster version."),
     # CI runners: Actions Runner Controller scale sets inside the cluster (docs/delivery.md).

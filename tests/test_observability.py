@@ -139,7 +139,7 @@ def test_metrics_stack_releases():
     s = synth_stack("dev")
     releases = {r.inputs["chart"]: r for r in s.resources(RELEASE)}
     kps, dcgm, adapter = releases["kube-prometheus-stack"], releases["dcgm-exporter"], releases["prometheus-adapter"]
-    assert kps.inputs["version"] == "85.1.2" and dcgm.inputs["version"] == "4.8.3" and adapter.inputs["version"] == "5.3.0"
+    assert kps.inputs["version"] == "85.1.2" and dcgm.inputs["version"] == "4.8.2" and adapter.inputs["version"] == "5.3.0"
     spec = kps.inputs["values"]["prometheus"]["prometheusSpec"]
     assert spec["podMonitorSelectorNilUsesHelmValues"] is False and spec["ruleSelectorNilUsesHelmValues"] is False
     assert dcgm.inputs["values"]["nodeSelector"] == {"nvidia.com/gpu.present": "true"}

@@ -415,12 +415,25 @@ def test_device_plugins_pinned_and_scheduled_on_gpu_nodes_only():
     releases = {r.inputs["chart"]: r.inputs for r in s.resources("kubernetes:helm.sh/v3:Release")}
     nvidia, efa = releases["nvidia-device-plugin"], releases["aws-efa-k8s-device-plugin"]
     assert nvidia["version"] == "0.20.0" and nvidia["repositoryOpts"]["repo"] == "https://nvidia.github.io/k8s-device-plugin"
-    assert efa["version"] == "v0.5.31" and efa["repositoryOpts"]["repo"] == "https://aws.github.io/eks-charts"
+    assert efa["version"] == "v0.5.30" and efa["repositoryOpts"]["repo"] == "https://aws.github.io/eks-charts"
     assert nvidia["values"]["nodeSelector"] == {"nemo-eks/node-role": "gpu"}
     assert efa["values"]["nodeSelector"] == {"vpc.amazonaws.com/efa.present": "true"}
     for values in (nvidia["values"], efa["values"]):
         tolerated = {(t["key"], t.get("effect")) for t in values["tolerations"]}
         assert {("nvidia.com/gpu", "NoSchedule"), ("fsx.csi.aws.com/agent-not-ready", "NoExecute")} <= tolerated
+
+
+PUBLISHED_CHARTS = yaml.safe_load((synth.ROOT / "tests" / "data" / "helm_chart_versions.yaml").read_text())
+
+
+def test_every_pinned_chart_version_is_published(stack_synth):
+    """A pin to a version the chart repository never published fails only at `pulumi up`, on the cluster."""
+    releases = stack_synth.resources("kubernetes:helm.sh/v3:Release")
+    assert len(releases) >= 5
+    for release in releases:
+        inputs = release.inputs
+        published = PUBLISHED_CHARTS[inputs["repositoryOpts"]["repo"]]["charts"][inputs["chart"]]
+        assert inputs["version"] in published, (inputs["chart"], inputs["version"], published[:3])
 
 
 def test_fsx_volume_and_claim():
