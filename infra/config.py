@@ -166,7 +166,7 @@ KEYS: tuple[Key, ...] = (
     Key("faultTolerance.ncclTimeoutSeconds", "integer", 1800, "60..7200", "A collective that does not complete within this fails its rank (a hung rank ends in bounded time); keep it above the longest checkpoint save."),
     Key("faultTolerance.rendezvousTimeoutSeconds", "integer", 1800, "60..7200", "How long torchrun waits for every node to join (at the start, after a restart, for a replacement node); keep it above the time a new GPU node takes to join the cluster."),
     Key("monitoring.stack", "string", "kube-prometheus-stack", ", ".join(MONITORING_STACKS), "kube-prometheus-stack: install it (Prometheus, Alertmanager, Grafana) with the DCGM exporter and prometheus-adapter; existing: a Prometheus with the prometheus-operator CRDs is already in the cluster (give its URL); none: no metrics stack, monitors or alerts."),
-    Key("monitoring.prometheusUrl", "string", Derived("the installed stack's Prometheus"), "http(s)://host[:port]", "Prometheus that prometheus-adapter queries for the autoscaler's metric (required with stack: existing)."),
+    Key("monitoring.prometheusUrl", "string", Derived("the installed stack's Prometheus"), "http(s)://host[:port][/path]", "Prometheus that prometheus-adapter queries for the autoscaler's metric (required with stack: existing)."),
     # Chart pins, each checked against its publisher on 2026-12-06: kube-prometheus-stack 85.1.2 and
     # prometheus-adapter 5.3.0 are chart-releaser release tags of prometheus-community/helm-charts
     # (kube-prometheus-stack-85.1.2, 2026-05-16; prometheus-adapter-5.3.0, 2026-02-19); dcgm-exporter 4.8.2 is
