@@ -68,7 +68,8 @@ class Cluster(pulumi.ComponentResource):
 
         secrets_key = aws.kms.Key(f"{name}-secrets", description=f"Envelope encryption of Kubernetes secrets in {args.cluster_name}",
                                   enable_key_rotation=True, deletion_window_in_days=30, tags=tags, opts=child)
-        aws.kms.Alias(f"{name}-secrets-alias", name=fixed_name("aws:kms/alias:Alias", f"alias/{args.cluster_name}-secrets"), target_key_id=secrets_key.key_id, opts=child)
+        aws.kms.Alias(f"{name}-secrets-alias", name=fixed_name("aws:kms/alias:Alias", f"alias/{args.cluster_name}-secrets"),
+                      target_key_id=secrets_key.key_id, opts=child)
 
         # One role for every managed node group: they run the same kubelet, CNI and image pulls. Workloads
         # never use it; they get their own roles through Pod Identity.

@@ -156,8 +156,8 @@ class GpuNodeGroup(pulumi.ComponentResource):
         # EFA traffic is OS-bypass between the group's own instances: it must be allowed to and from the group
         # itself, in BOTH directions. A missing egress rule is the classic silent NCCL failure.
         self.efa_security_group = aws.ec2.SecurityGroup(
-            f"{name}-efa", **name_args("aws:ec2/securityGroup:SecurityGroup", f"{name}-efa"), vpc_id=args.vpc_id, description=f"EFA traffic within GPU node group {group.name}",
-            tags={**tags, "Name": f"{name}-efa"}, opts=child)
+            f"{name}-efa", **name_args("aws:ec2/securityGroup:SecurityGroup", f"{name}-efa"), vpc_id=args.vpc_id,
+            description=f"EFA traffic within GPU node group {group.name}", tags={**tags, "Name": f"{name}-efa"}, opts=child)
         sg_id = self.efa_security_group.id
         aws.vpc.SecurityGroupIngressRule(f"{name}-efa-in", security_group_id=sg_id, referenced_security_group_id=sg_id,
                                          ip_protocol="-1", description="EFA from the group itself", opts=child)
@@ -170,7 +170,8 @@ class GpuNodeGroup(pulumi.ComponentResource):
         # instances close together, and a forced group can make the reservation unusable.
         if group.uses_placement_group:
             self.placement_group = aws.ec2.PlacementGroup(
-                f"{name}-pg", **name_args("aws:ec2/placementGroup:PlacementGroup", f"{name}-pg"), strategy="cluster", tags=tags, opts=child)
+                f"{name}-pg", **name_args("aws:ec2/placementGroup:PlacementGroup", f"{name}-pg"), strategy="cluster",
+                tags=tags, opts=child)
             placement = {"group_name": self.placement_group.name}
 
         self.launch_template = aws.ec2.LaunchTemplate(

@@ -82,8 +82,8 @@ class WorkloadIdentity(pulumi.ComponentResource):
             role_name = f"{name}-{workload_name}"
             role = aws.iam.Role(role_name, **name_args("aws:iam/role:Role", role_name), assume_role_policy=trust, tags=tags,
                                 description=f"Pod Identity role of {args.namespace}/{workload.service_account}", opts=child)
-            aws.iam.RolePolicy(f"{role_name}-s3", **name_args("aws:iam/rolePolicy:RolePolicy", f"{role_name}-s3"), role=role.id,
-                               policy=bucket_arns.apply(lambda arns, w=workload: s3_access_policy(w, arns)), opts=child)
+            aws.iam.RolePolicy(f"{role_name}-s3", **name_args("aws:iam/rolePolicy:RolePolicy", f"{role_name}-s3"),
+                               role=role.id, policy=bucket_arns.apply(lambda arns, w=workload: s3_access_policy(w, arns)), opts=child)
             self.roles[workload_name] = role
             self.associations[workload_name] = aws.eks.PodIdentityAssociation(
                 f"{name}-{workload_name}-association", cluster_name=args.cluster_name, namespace=args.namespace,

@@ -66,8 +66,8 @@ class Storage(pulumi.ComponentResource):
 
         self.buckets = {}
         for kind, versioned in BUCKETS.items():
-            bucket = aws.s3.Bucket(f"{name}-{kind}", **name_args("aws:s3/bucket:Bucket", f"{name}-{kind}"), force_destroy=not cfg.protect,
-                                   tags={**tags, "nemo-eks/data": kind}, opts=stateful)
+            bucket = aws.s3.Bucket(f"{name}-{kind}", **name_args("aws:s3/bucket:Bucket", f"{name}-{kind}"),
+                                   force_destroy=not cfg.protect, tags={**tags, "nemo-eks/data": kind}, opts=stateful)
             self.buckets[kind] = bucket
             aws.s3.BucketOwnershipControls(f"{name}-{kind}-ownership", bucket=bucket.id,
                                            rule={"object_ownership": "BucketOwnerEnforced"}, opts=child)
@@ -88,8 +88,8 @@ class Storage(pulumi.ComponentResource):
                                                 opts=pulumi.ResourceOptions(parent=self, depends_on=lifecycle_deps))
 
         self.security_group = aws.ec2.SecurityGroup(
-            f"{name}-fsx", **name_args("aws:ec2/securityGroup:SecurityGroup", f"{name}-fsx"), vpc_id=args.vpc_id, description="FSx for Lustre: Lustre from the nodes and between file servers",
-            tags={**tags, "Name": f"{name}-fsx"}, opts=child)
+            f"{name}-fsx", **name_args("aws:ec2/securityGroup:SecurityGroup", f"{name}-fsx"), vpc_id=args.vpc_id,
+            description="FSx for Lustre: Lustre from the nodes and between file servers", tags={**tags, "Name": f"{name}-fsx"}, opts=child)
         # The rules are checked when the file system is created and cannot fix it afterwards: the file system
         # waits for all of them.
         rules: list[pulumi.Resource] = []
