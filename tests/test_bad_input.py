@@ -194,7 +194,8 @@ def test_preflight_reads_stack_files_through_the_same_reader(tmp_path):
 
 def test_the_nemo_test_environment_reads_stack_files_through_the_same_reader():
     script = (ROOT / "tests" / "nemo" / "run.sh").read_text()
-    assert "synth.read_stack_config(stack)" in script
+    writer = (ROOT / "tests" / "nemo" / "write_runs.py").read_text()  # what run.sh runs to write the run.json files
+    assert "-m tests.nemo.write_runs" in script and "synth.read_stack_config(stack)" in writer
 
 
 def project_dir(tmp_path: Path, stack_text: str | None) -> Path:
