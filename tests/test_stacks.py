@@ -432,8 +432,12 @@ def test_every_pinned_chart_version_is_published(stack_synth):
     assert len(releases) >= 5
     for release in releases:
         inputs = release.inputs
-        published = PUBLISHED_CHARTS[inputs["repositoryOpts"]["repo"]]["charts"][inputs["chart"]]
-        assert inputs["version"] in published, (inputs["chart"], inputs["version"], published[:3])
+        if "repositoryOpts" in inputs:
+            repository, chart = inputs["repositoryOpts"]["repo"], inputs["chart"]
+        else:  # an OCI chart: oci://<registry>/<path>/<chart>
+            repository, _, chart = inputs["chart"].rpartition("/")
+        published = PUBLISHED_CHARTS[repository]["charts"][chart]
+        assert inputs["version"] in published, (chart, inputs["version"], published[:3])
 
 
 def test_fsx_volume_and_claim():
