@@ -167,6 +167,16 @@ def test_tuned_virtual_pipeline_layouts_build(run, tmp_path):
     assert recompute == ("full" if run["training"]["parallelism"]["recompute"] == "full" else None)
 
 
+def test_nccl_timeout_reaches_the_process_group(monkeypatch):
+    """faultTolerance.ncclTimeoutSeconds, passed to the pod as an environment variable, becomes the timeout that
+    Lightning's DDPStrategy (MegatronStrategy's base) gives init_process_group, so a hung collective ends."""
+    import datetime
+
+    monkeypatch.setenv(finetune.layout.NCCL_TIMEOUT_ENV, "123")
+    _, _, _, objects = build_for_test(RUN_FILES[0])
+    assert objects["trainer"].strategy._timeout == datetime.timedelta(seconds=123)
+
+
 def test_memory_settings_reach_nemo(built):
     run, _, _, objects = built
     memory = run["training"]["memory"]
