@@ -3,6 +3,7 @@
 Before the script runs as ``__main__`` it
 - puts the tiny model's NeMo config class into ``nemo.collections.llm`` (finetune.py looks it up by name),
 - lets NeMo's Hugging Face converters run without Transformer Engine (``adapt_to_missing_transformer_engine``),
+- lets the distributed optimizer save where torch's AdamW stands in for FusedAdam (``adapt_to_missing_fused_adam``),
 - moves the training metrics port to ``GPU_TEST_METRICS_PORT`` when set (two runs train side by side here),
 and once the script exits it writes the process's peak GPU memory to ``GPU_TEST_STATS`` (JSON), when set.
 The guard matters: checkpoint saving starts processes that import the main module again.
@@ -10,6 +11,7 @@ The guard matters: checkpoint saving starts processes that import the main modul
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 from collections import Counter
@@ -87,6 +89,34 @@ def adapt_to_missing_transformer_engine() -> None:
     io.apply_transforms = apply_transforms
 
 
+def adapt_to_missing_fused_adam() -> None:
+    """Let the distributed optimizer save its checkpoint where neither TE nor apex provides FusedAdam.
+
+    Megatron-Core then falls back to ``torch.optim.AdamW`` (megatron/core/optimizer/__init__.py, 0.15.3, the
+    import chain at its top), whose per-parameter ``step`` is a 0-dim tensor. NeMo saves the distributed
+    optimizer in the ``dp_reshardable`` format unless ``ckpt_optim_fully_reshardable`` is set
+    (MegatronStrategy.sharded_state_dict_metadata, nemo 2.7.3), and that format asserts every state tensor spans
+    its bucket range (DistributedOptimizer.sharded_param_state_dp_reshardable): the first save fails with
+    ``AssertionError: (torch.Size([]), 0, ...)``. The ``fully_reshardable`` format, NeMo's own option, carries
+    torch Adam's ``step`` through the param groups instead (DistributedOptimizer.state_dict, "Extract 'step', for
+    non-Apex/TE support"; sharded_param_state_fully_reshardable skips it). With TE (NeMo's image) FusedAdam keeps
+    ``step`` per group and nothing changes."""
+    import torch
+    from megatron.core import optimizer as mcore_optimizer
+    from nemo.lightning.pytorch.strategies.megatron_strategy import MegatronStrategy
+
+    if mcore_optimizer.Adam is not torch.optim.AdamW:
+        return
+    initialise = MegatronStrategy.__init__
+
+    @functools.wraps(initialise)  # fiddle checks the recipe's arguments against this signature
+    def __init__(self, *args, **kwargs):
+        initialise(self, *args, **kwargs)
+        self.ckpt_optim_fully_reshardable = True
+
+    MegatronStrategy.__init__ = __init__
+
+
 def write_stats(path: str, started: float, code) -> None:
     stats = {"exit_code": code, "seconds": round(time.monotonic() - started, 1), "rank": os.environ.get("RANK")}
     torch = sys.modules.get("torch")
@@ -111,6 +141,7 @@ def main() -> None:
         training_metrics.PORT = int(port)
     register_tiny_model()
     adapt_to_missing_transformer_engine()
+    adapt_to_missing_fused_adam()
     code = 0
     try:
         runpy.run_path(script, run_name="__main__")
