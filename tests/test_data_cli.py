@@ -64,7 +64,8 @@ def test_upload_finds_the_stack_bucket_by_tags_and_splits(s3, tmp_path, capsys):
     assert set(objects(s3, bucket)) == {"default/train.jsonl", "default/validation.jsonl"}
     assert objects(s3, "other-stack-datasets") == {} and objects(s3, "dev-checkpoints") == {}
     train, validation = lines(s3, bucket, "default/train.jsonl"), lines(s3, bucket, "default/validation.jsonl")
-    assert len(train) + len(validation) == 200 and len(validation) == 10
+    # one global batch of the stack's (128, the default): 5% of 200 would be too few for NeMo ever to validate
+    assert len(train) + len(validation) == 200 and len(validation) == data.stack_defaults(STACK).global_batch_size
     assert not {r["input"] for r in train} & {r["input"] for r in validation}
     assert "uploaded s3://dev-datasets/default/train.jsonl" in capsys.readouterr().out
     # the same file gives the same split: a re-upload does not move examples between the two sets
@@ -74,7 +75,7 @@ def test_upload_finds_the_stack_bucket_by_tags_and_splits(s3, tmp_path, capsys):
 
 def test_upload_stores_a_sha256_checksum(s3, tmp_path):
     bucket = make_bucket(s3, "dev-datasets")
-    assert data.main(["upload", write_examples(tmp_path / "a.jsonl", 40), "--stack", STACK]) == 0
+    assert data.main(["upload", write_examples(tmp_path / "a.jsonl", 200), "--stack", STACK]) == 0
     head = s3.head_object(Bucket=bucket, Key="default/train.jsonl", ChecksumMode="ENABLED")
     body = s3.get_object(Bucket=bucket, Key="default/train.jsonl")["Body"].read()
     assert head["ChecksumSHA256"] == base64.b64encode(hashlib.sha256(body).digest()).decode()
@@ -96,7 +97,7 @@ def test_large_files_go_up_in_parts(s3, tmp_path, monkeypatch):
 def test_upload_with_a_given_validation_file_and_bucket(s3, tmp_path):
     s3.create_bucket(Bucket="untagged")
     train = write_examples(tmp_path / "train.jsonl", 30)
-    validation = write_examples(tmp_path / "validation.jsonl", 5, start=1000)
+    validation = write_examples(tmp_path / "validation.jsonl", 128, start=1000)  # one global batch of the stack
     assert data.main(["upload", train, "--validation", validation, "--stack", STACK, "--bucket", "untagged",
                       "--dataset", "support-v2"]) == 0
     assert len(lines(s3, "untagged", "support-v2/train.jsonl")) == 30
@@ -126,7 +127,7 @@ def test_unknown_stack_bucket_is_an_error(s3, tmp_path, capsys):
     make_bucket(s3, "dev-datasets")
     stack_file = tmp_path / "Pulumi.nosuch.yaml"  # a valid stack that was never deployed
     stack_file.write_text((synth.STACKS_DIR / "Pulumi.dev.yaml").read_text())
-    assert data.main(["upload", write_examples(tmp_path / "a.jsonl", 20), "--stack", str(stack_file)]) == 1
+    assert data.main(["upload", write_examples(tmp_path / "a.jsonl", 200), "--stack", str(stack_file)]) == 1
     err = capsys.readouterr().err
     assert "no S3 bucket tagged project=nemo-eks, stack=nosuch" in err and "--bucket" in err
     assert objects(s3, "dev-datasets") == {}
@@ -135,12 +136,12 @@ def test_unknown_stack_bucket_is_an_error(s3, tmp_path, capsys):
 def test_two_tagged_buckets_are_ambiguous(s3, tmp_path, capsys):
     make_bucket(s3, "dev-datasets-a")
     make_bucket(s3, "dev-datasets-b")
-    assert data.main(["upload", write_examples(tmp_path / "a.jsonl", 20), "--stack", STACK]) == 1
+    assert data.main(["upload", write_examples(tmp_path / "a.jsonl", 200), "--stack", STACK]) == 1
     assert "dev-datasets-a, dev-datasets-b" in capsys.readouterr().err
 
 
 def test_a_missing_bucket_is_reported_not_raised(s3, tmp_path, capsys):
-    assert data.main(["upload", write_examples(tmp_path / "a.jsonl", 20), "--stack", STACK,
+    assert data.main(["upload", write_examples(tmp_path / "a.jsonl", 200), "--stack", STACK,
                       "--bucket", "does-not-exist"]) == 1
     assert "error: AWS:" in capsys.readouterr().err
 
@@ -161,5 +162,15 @@ def test_the_example_dataset_uploads_as_the_stack_reads_it(s3, capsys):
     example = synth.ROOT / "examples" / "data" / "train.jsonl"
     assert data.main(["upload", str(example), "--stack", STACK]) == 0
     train, validation = lines(s3, bucket, "default/train.jsonl"), lines(s3, bucket, "default/validation.jsonl")
-    assert (len(train), len(validation)) == (352, 19)  # 5 % of 371, split by content hash
+    # one global batch of the stack (128), split by content hash: 5% of 371 (19) would never validate
+    assert (len(train), len(validation)) == (243, 128)
     assert all(set(r) == {"input", "output"} for r in train + validation)
+
+
+def test_a_validation_file_smaller_than_the_stacks_global_batch_is_refused(tmp_path, capsys):
+    train = write_examples(tmp_path / "train.jsonl", 200)
+    validation = write_examples(tmp_path / "validation.jsonl", 19, start=1000)
+    assert data.main(["validate", train, "--validation", validation, "--stack", STACK]) == 1
+    err = capsys.readouterr().err
+    assert "19 validation example(s), fewer than one global batch (nemo-eks:training.globalBatchSize = 128)" in err
+    assert data.main(["validate", train, "--validation", validation]) == 0  # no stack: no global batch to hold

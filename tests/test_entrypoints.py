@@ -115,6 +115,26 @@ def test_split_is_deterministic_and_order_independent():
         dataset.split(examples(1))
 
 
+def test_a_derived_validation_set_holds_one_global_batch():
+    # 5% of 400 is 20: fewer than a global batch of 32, so NeMo would never validate; the split takes 32
+    train, validation = dataset.split(examples(400), minimum=32)
+    assert (len(train), len(validation)) == (368, 32)
+    assert len(dataset.split(examples(4000), minimum=32)[1]) == 200  # 5% is more than one batch already
+    with pytest.raises(dataset.DatasetError, match=r"globalBatchSize = 32\).*lower"):
+        dataset.split(examples(32), minimum=32)
+
+
+def test_a_given_validation_set_smaller_than_a_global_batch_is_refused(tmp_path):
+    train_file, validation_file = tmp_path / "train.jsonl", tmp_path / "validation.jsonl"
+    dataset.write_jsonl(train_file, examples(100))
+    dataset.write_jsonl(validation_file, examples(219)[200:])  # 19 examples, none also in training
+    with pytest.raises(dataset.DatasetError) as refused:
+        dataset.load_dataset(train_file, validation_file, global_batch_size=32)
+    assert "19 validation example(s), fewer than one global batch" in str(refused.value)
+    assert "nemo-eks:training.globalBatchSize = 32" in str(refused.value)
+    assert len(dataset.load_dataset(train_file, validation_file, global_batch_size=16)[1]) == 19
+
+
 def test_layout_splits_and_is_idempotent(tmp_path):
     source, target = tmp_path / "datasets" / "default", tmp_path / "run" / "data"
     dataset.write_jsonl(source / "train.jsonl", examples(100))
@@ -358,10 +378,15 @@ def test_prepare_lays_out_data_once_and_reports_bad_data(tmp_path, monkeypatch):
     assert finetune.prepare(run) == 1
     assert "missing field 'output'" in layout.read_marker(layout.failure_marker(paths["prepared_marker"]))["error"]
     assert not os.path.exists(paths["prepared_marker"]) and calls == []
-    dataset.write_jsonl(Path(paths["dataset_dir"], "train.jsonl"), examples(40))
+    global_batch = run["training"]["batch"]["global_batch_size"]
+    dataset.write_jsonl(Path(paths["dataset_dir"], "train.jsonl"), examples(global_batch))
+    assert finetune.prepare(run) == 1  # no room for a validation set of one global batch and any training
+    assert "globalBatchSize = " in layout.read_marker(layout.failure_marker(paths["prepared_marker"]))["error"]
+    dataset.write_jsonl(Path(paths["dataset_dir"], "train.jsonl"), examples(global_batch + 40))
     assert finetune.prepare(run) == 0
     assert not os.path.exists(layout.failure_marker(paths["prepared_marker"]))  # cleared by the new attempt
-    assert layout.read_marker(paths["prepared_marker"])["training_examples"] == 38
+    prepared = layout.read_marker(paths["prepared_marker"])
+    assert (prepared["training_examples"], prepared["validation_examples"]) == (40, global_batch)
     assert calls == ["download", "import"]
     assert finetune.prepare(run) == 0 and calls == ["download", "import"]  # second run: nothing redone
 

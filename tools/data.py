@@ -46,6 +46,7 @@ class CliError(Exception):
 class StackDefaults:
     dataset: str | None = None
     seq_length: int | None = None
+    global_batch_size: int | None = None
 
 
 def stack_name(stack: str) -> str:
@@ -70,7 +71,8 @@ def stack_defaults(stack: str | None) -> StackDefaults:
         raise CliError(f"--stack {stack}: {error}") from None
     except config.ConfigError as error:
         raise CliError(f"--stack {stack}: {error} (`python -m tools.synth {stack}` shows the same)") from None
-    return StackDefaults(dataset=cfg.pipeline.dataset, seq_length=cfg.sizing.request.seq_length)
+    return StackDefaults(dataset=cfg.pipeline.dataset, seq_length=cfg.sizing.request.seq_length,
+                         global_batch_size=cfg.sizing.request.global_batch_size)
 
 
 def positive_integer(text: str) -> int:
@@ -162,10 +164,10 @@ def upload_file(s3, path: str, bucket: str, key: str) -> dict[str, Any]:
 # Commands
 
 
-def _load_and_report(args, seq_length: int):
+def _load_and_report(args, seq_length: int, global_batch_size: int | None):
     """Validate the files and print the report; None when the data is bad (the report is on stderr)."""
     try:
-        train, validation, reports = dataset.load_dataset(args.file, args.validation, seq_length)
+        train, validation, reports = dataset.load_dataset(args.file, args.validation, seq_length, global_batch_size)
     except dataset.DatasetError as exc:
         print(exc, file=sys.stderr)
         return None
@@ -175,7 +177,8 @@ def _load_and_report(args, seq_length: int):
 
 
 def cmd_validate(args) -> int:
-    loaded = _load_and_report(args, args.seq_length or stack_defaults(args.stack).seq_length)
+    defaults = stack_defaults(args.stack)
+    loaded = _load_and_report(args, args.seq_length or defaults.seq_length, defaults.global_batch_size)
     if loaded is None:
         return 1
     train, validation = loaded
@@ -189,7 +192,7 @@ def cmd_upload(args) -> int:
     name = args.dataset or defaults.dataset or "default"
     if not _DATASET_NAME.fullmatch(name) or ".." in name:
         raise CliError(f"--dataset {name!r}: letters, digits, '.', '_', '-' only")
-    loaded = _load_and_report(args, args.seq_length or defaults.seq_length)
+    loaded = _load_and_report(args, args.seq_length or defaults.seq_length, defaults.global_batch_size)
     if loaded is None:
         return 1
     train, validation = loaded

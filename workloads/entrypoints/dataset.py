@@ -29,6 +29,7 @@ REQUIRED_FIELDS = ("input", "output")
 CHARS_PER_TOKEN = 3.0
 VALIDATION_FRACTION = 0.05
 MAX_VALIDATION_EXAMPLES = 1000  # validation runs limit_val_batches batches anyway; more only slows the split
+GLOBAL_BATCH_KEY = "nemo-eks:training.globalBatchSize"
 MAX_REPORTED_LINES = 20  # per problem kind, so a broken 10-GB file still gives a readable report
 
 
@@ -204,17 +205,37 @@ def parse_file(path: str | os.PathLike, seq_length: int | None = None,
 
 
 def split(records: list[dict[str, Any]], fraction: float = VALIDATION_FRACTION,
-          limit: int = MAX_VALIDATION_EXAMPLES) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+          limit: int = MAX_VALIDATION_EXAMPLES, minimum: int = 1) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     """Deterministic train/validation split by content hash: the same example lands on the same side whatever
-    the file order, on every machine and every re-run, so an upload and a re-prepare agree."""
+    the file order, on every machine and every re-run, so an upload and a re-prepare agree. The validation side
+    gets at least ``minimum`` examples (one global batch: see ``check_validation_size``)."""
     if len(records) < 2:
         raise DatasetError(f"{len(records)} example(s): at least 2 are needed to split off a validation set")
+    wanted = max(minimum, min(limit, max(1, round(len(records) * fraction))))
+    if wanted > len(records) - 1:
+        raise DatasetError(
+            f"{len(records)} example(s): too few to split off a validation set of one global batch "
+            f"({GLOBAL_BATCH_KEY} = {minimum}) and keep any for training. Add examples, give a {VALIDATION_FILE} "
+            f"of its own, or lower {GLOBAL_BATCH_KEY}")
     ranked = sorted(records, key=record_key)
-    wanted = min(limit, max(1, round(len(records) * fraction)))
     chosen = {record_key(r) for r in ranked[:wanted]}
     train = [r for r in records if record_key(r) not in chosen]
     validation = [r for r in records if record_key(r) in chosen]
     return train, validation
+
+
+def check_validation_size(validation: list[dict[str, Any]], global_batch_size: int, source: str) -> None:
+    """NeMo validates in whole global batches and drops an incomplete one (MegatronDataSampler builds its
+    validation sampler with ``drop_last=mode not in ["test", "predict"]``,
+    nemo/lightning/pytorch/plugins/data_sampler.py, nemo 2.7.3): fewer examples than one global batch and
+    validation never runs, no ``val_loss`` is logged, and the checkpoints that keep the best ``val_loss`` are
+    never written. Seen on a GPU: 19 validation examples at global batch 32 trained 100 steps without one
+    validation (docs/gpu-run.md)."""
+    if len(validation) < global_batch_size:
+        raise DatasetError(
+            f"{source}: {len(validation)} validation example(s), fewer than one global batch "
+            f"({GLOBAL_BATCH_KEY} = {global_batch_size}): NeMo validates in whole global batches, so validation "
+            f"would never run and no val_loss would be logged. Add validation examples or lower {GLOBAL_BATCH_KEY}")
 
 
 def dumps(records: Iterable[dict[str, Any]]) -> str:
@@ -232,9 +253,11 @@ def write_jsonl(path: str | os.PathLike, records: Iterable[dict[str, Any]]) -> N
 
 
 def load_dataset(train_path: str | os.PathLike, validation_path: str | os.PathLike | None = None,
-                 seq_length: int | None = None) -> tuple[list[dict[str, Any]], list[dict[str, Any]], list[Report]]:
-    """Validate a training file and an optional validation file; split one off when none is given.
-    Raises DatasetError with the full report when anything is wrong."""
+                 seq_length: int | None = None, global_batch_size: int | None = None,
+                 ) -> tuple[list[dict[str, Any]], list[dict[str, Any]], list[Report]]:
+    """Validate a training file and an optional validation file; split one off when none is given. With
+    ``global_batch_size`` the validation set must hold at least one global batch (a derived one is made that
+    large). Raises DatasetError with the full report when anything is wrong."""
     seen: dict[str, str] = {}
     train, train_report = parse_file(train_path, seq_length, seen)
     reports = [train_report]
@@ -244,12 +267,14 @@ def load_dataset(train_path: str | os.PathLike, validation_path: str | os.PathLi
     if not all(r.ok for r in reports):
         raise DatasetError("\n".join(r.render() for r in reports))
     if validation_path is None:
-        train, validation = split(train)
+        train, validation = split(train, minimum=global_batch_size or 1)
+    elif global_batch_size is not None:
+        check_validation_size(validation, global_batch_size, os.fspath(validation_path))
     return train, validation, reports
 
 
 def layout(dataset_dir: str | os.PathLike, data_dir: str | os.PathLike,
-           seq_length: int | None = None) -> dict[str, Any]:
+           seq_length: int | None = None, global_batch_size: int | None = None) -> dict[str, Any]:
     """``<dataset_dir>/train.jsonl [+ validation.jsonl]`` -> ``<data_dir>/training.jsonl + validation.jsonl``.
     Re-running it rewrites the same bytes: it is safe in an init container that restarts."""
     dataset_dir, data_dir = os.fspath(dataset_dir), os.fspath(data_dir)
@@ -259,7 +284,7 @@ def layout(dataset_dir: str | os.PathLike, data_dir: str | os.PathLike,
                            f"`python -m tools.data upload FILE --stack <stack> --dataset {os.path.basename(dataset_dir)}`")
     validation_path = os.path.join(dataset_dir, VALIDATION_FILE)
     train, validation, _ = load_dataset(train_path, validation_path if os.path.isfile(validation_path) else None,
-                                        seq_length)
+                                        seq_length, global_batch_size)
     write_jsonl(os.path.join(data_dir, NEMO_TRAINING_FILE), train)
     write_jsonl(os.path.join(data_dir, NEMO_VALIDATION_FILE), validation)
     return {"training_examples": len(train), "validation_examples": len(validation),

@@ -268,7 +268,9 @@ def prepare(run: dict[str, Any]) -> int:
         print(f"{marker} exists: already prepared")
         return 0
     try:
-        details = dataset.layout(paths["dataset_dir"], paths["data_dir"], run["training"]["batch"]["seq_length"])
+        batch = run["training"]["batch"]
+        details = dataset.layout(paths["dataset_dir"], paths["data_dir"], batch["seq_length"],
+                                 batch["global_batch_size"])
         details["base_hf"] = download_base_model(run)
         details["base_nemo"] = import_base_model(run)
     except (dataset.DatasetError, PrepareError) as exc:
