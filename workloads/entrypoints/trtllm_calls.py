@@ -48,7 +48,7 @@ def build_and_save_engine(*, checkpoint_dir: str, engine_dir: str, tp: int, pp: 
         whole: no _ConfigArbitrator, no claim_func; BaseLlmArgs and TrtLlmArgs check with pydantic model
         validators, none of which ties enable_block_reuse to the quantisation. A later version (fork
         mikeiovine/TensorRT-LLM, commit 1b1598c0c25ff230a26e1fde71ad5494b68be14a; TrtLlmArgs has
-        validate_kv_cache_dtype) has no such check in TrtLlmArgs either.
+        validate_kv_cache_dtype), BaseLlmArgs and TrtLlmArgs read whole, has no such check either.
       - tensorrt_llm/builder.py build() at commit 008b2b8d23af95e4e19fa6f354f9c5f6349b2bfc ("Logics to control
         paged_context_fmha and fp8_context_fmha"): for QuantAlgo.FP8 on SM 8.9+ paged context FMHA stays on,
         and FP8 context FMHA is switched on when the KV cache is FP8.
