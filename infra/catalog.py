@@ -58,8 +58,9 @@ class FabricFloor:
     interfaces loses the same share of bandwidth, so half of the published figure separates a broken fabric
     from an ordinary one without failing runs for noise (placement, other tenants, NCCL version)."""
 
-    published_gbps: float  # busbw of the published 2-node run, at the message size below
+    published_gbps: float  # out-of-place busbw of the published run, at the message size below
     message_bytes: int
+    nodes: int  # of the published run: more nodes measure a little less (longer rings)
     source: str
 
     @property
@@ -68,19 +69,32 @@ class FabricFloor:
 
 
 FABRIC_FLOOR_SHARE = 0.5
-_ADT_NCCL_TESTS = ("awsome-distributed-training micro-benchmarks/nccl-tests/README.md (aws-samples snapshot "
-                   "2026-02-21), \"Results\": all_reduce_perf")
-# 2 x p4de.24xlarge: 78.33 GB/s out-of-place busbw at 2 GiB. p4d has the same 4 x 100 Gbps EFA (API: 4 EFA
-# interfaces each) and the same A100/NVSwitch node, only less GPU memory: the same fabric figure holds.
-_P4_FLOOR = FabricFloor(78.33, 2 * 1024 ** 3, f"{_ADT_NCCL_TESTS} on 2 x p4de.24xlarge, 2147483648 B")
-# 2 x p5.48xlarge: 443.72 GB/s at 2 GiB (487.09 at 16 GiB). p5e has p5's 32 x 100 Gbps EFA and the same NVSwitch
-# node. p5en: no 2-node all_reduce_perf figure was found published; it has the same 3200 Gbps of EFA in total
-# (16 EFAv3 interfaces; https://aws.amazon.com/ec2/instance-types/p5/ lists 3200 Gbps for p5, p5e and p5en),
-# so p5's figure is its reference too. Replace it with a measured one when you have it.
-_P5_FLOOR = FabricFloor(443.72, 2 * 1024 ** 3, f"{_ADT_NCCL_TESTS} on 2 x p5.48xlarge, 2147483648 B")
+# aws-samples/awsome-distributed-training at commit 7217859f67bc693c52ff175ccc6082c41dbd7a1b (2026-02-21).
+_ADT = "awsome-distributed-training (commit 7217859f, 2026-02-21)"
+# micro-benchmarks/nccl-tests/README.md, "Results", lines 155-187: 2 x p4de.24xlarge, 2147483648 B: time 51406 us,
+# algbw 41.78, busbw 78.33 GB/s. p4d has the same 4 x 100 Gbps EFA (API: 4 EFA interfaces each) and the same
+# A100/NVSwitch node, only less GPU memory: the same fabric figure holds.
+_P4_FLOOR = FabricFloor(78.33, 2 * 1024 ** 3, 2, f"{_ADT} micro-benchmarks/nccl-tests/README.md:187, "
+                        "all_reduce_perf on 2 x p4de.24xlarge, 2147483648 B")
+# The same README, lines 190-225: 2 x p5.48xlarge, 2147483648 B: time 9074.5 us, algbw 236.65, busbw 443.72 GB/s
+# (487.09 at 16 GiB, line 225). p5e has p5's 32 x 100 Gbps EFA (API: 32 network cards of 100 Gbps) and the same
+# NVSwitch node with H200s: the same fabric figure holds.
+_P5_FLOOR = FabricFloor(443.72, 2 * 1024 ** 3, 2, f"{_ADT} micro-benchmarks/nccl-tests/README.md:222, "
+                        "all_reduce_perf on 2 x p5.48xlarge, 2147483648 B")
+# p5en: no 2-node figure was found published. The one p5en all_reduce_perf figure found is in
+# micro-benchmarks/nccl-tests/slurm/topology-aware-nccl-tests/README.md, lines 257-265 ("Performance Output
+# Format", p5en.48xlarge): 17179869184 B, time 92173 us, algbw 186.39, busbw 369.86 GB/s. Its rank count is not
+# written there; busbw/algbw = 2(n-1)/n gives n = 128 ranks, 16 nodes (the example result files above it, lines
+# 248-250, are named nccl_16_..., the node count by line 253). 16 nodes measure less than 2 (p5: 443.72 at 2 GiB
+# on 2 nodes) and 16 GiB a little more than 2 GiB (p5: 487.09 vs 443.72), so half of it is a looser floor than
+# p5's, still far above socket fallback. p5en has p5's 3200 Gbps of network in total, on 16 cards of 200 Gbps
+# instead of 32 of 100 (API: NetworkPerformance "3200 Gigabit" for p5, p5e and p5en).
+_P5EN_FLOOR = FabricFloor(369.86, 16 * 1024 ** 3, 16,
+                          f"{_ADT} micro-benchmarks/nccl-tests/slurm/topology-aware-nccl-tests/README.md:265, "
+                          "all_reduce_perf on 16 x p5en.48xlarge, 17179869184 B")
 FABRIC_FLOORS: Mapping[str, FabricFloor] = MappingProxyType({
     "p4d.24xlarge": _P4_FLOOR, "p4de.24xlarge": _P4_FLOOR,
-    "p5.48xlarge": _P5_FLOOR, "p5e.48xlarge": _P5_FLOOR, "p5en.48xlarge": _P5_FLOOR,
+    "p5.48xlarge": _P5_FLOOR, "p5e.48xlarge": _P5_FLOOR, "p5en.48xlarge": _P5EN_FLOOR,
 })
 
 

@@ -205,6 +205,13 @@ def test_bus_bandwidth_is_computed_as_nccl_tests_does():
     # time 9074.5 us, algbw 236.65 GB/s, busbw 443.72 GB/s; 2 x p4de (16 ranks): 51406 us, 41.78, 78.33.
     assert fabric_test.measure(2147483648, 9074.5e-6, 16) == fabric_test.Measurement(2147483648, 9074.5e-6, 236.65, 443.72)
     assert fabric_test.measure(2147483648, 51406e-6, 16).busbw_gbps == catalog.FABRIC_FLOORS["p4de.24xlarge"].published_gbps
+    # topology-aware-nccl-tests/README.md, p5en, 17179869184 B: 92173 us, algbw 186.39, busbw 369.86 GB/s. The README
+    # gives no rank count: these three agree only for 128 ranks, the 16 nodes the floor records.
+    p5en = catalog.FABRIC_FLOORS["p5en.48xlarge"]
+    ranks = p5en.nodes * catalog.get("p5en.48xlarge").gpus
+    assert fabric_test.measure(p5en.message_bytes, 92173e-6, ranks) == fabric_test.Measurement(
+        p5en.message_bytes, 92173e-6, 186.39, p5en.published_gbps)
+    assert fabric_test.measure(p5en.message_bytes, 92173e-6, ranks // 2).busbw_gbps != p5en.published_gbps
 
 
 def test_the_verdict_counts_large_messages_and_names_the_measured_number():

@@ -454,8 +454,9 @@ def fake_trtllm(monkeypatch):
 
 
 def test_engine_build_states_kv_cache_reuse_to_the_llm_api(monkeypatch, tmp_path):
-    """KvCacheConfig's enable_block_reuse defaults to True, which the engine LLM API's arbitration cannot
-    combine with FP8: trtllm_calls must pass the setting, not leave it to the default."""
+    """KvCacheConfig's enable_block_reuse defaults to True, which the 0.19-era engine LLM API's arbitration
+    refused with FP8 and which the served config turns off: trtllm_calls must pass the setting, not leave it to
+    the default."""
     recorded = {}
 
     def recorder(name):

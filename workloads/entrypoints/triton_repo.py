@@ -322,8 +322,10 @@ def _header(run: dict[str, Any], model: str) -> str:
             f"# Model {model!r} of the TensorRT-LLM inflight_batcher_llm repository; edit run.json, not this file.\n")
 
 
-# KV cache block reuse needs paged context FMHA, which the engine LLM API turns off for FP8 builds: off, for the
-# engine build (build_engine.py) and the served config (below) alike.
+# KV cache block reuse needs an engine with paged context FMHA. The 0.19-era engine LLM API turned that off for
+# FP8 builds; later TensorRT-LLM code keeps it on for FP8 on SM 8.9+, and no 1.2.x source was verified either
+# way (trtllm_calls.build_and_save_engine says what was read). Off is right under both: off, for the engine build
+# (build_engine.py) and the served config (below) alike.
 KV_CACHE_REUSE = False
 
 
@@ -338,9 +340,8 @@ def tensorrt_llm_parameters(run: dict[str, Any]) -> dict[str, str]:
         "kv_cache_free_gpu_mem_fraction": str(serving["kv_cache_free_gpu_mem_fraction"]),
         # API clients get the completion only, as from an OpenAI-style endpoint (the backend default echoes it)
         "exclude_input_in_output": "true",
-        # Both need paged context FMHA in the engine, which the engine LLM API turns off for FP8 builds
-        # (tensorrt_llm/llmapi/llm_args.py: _setup_quant_config claims use_paged_context_fmha=False for FP8).
-        # The engine is built with the same setting (build_engine.py passes KV_CACHE_REUSE).
+        # Both need paged context FMHA in the engine (see KV_CACHE_REUSE). The engine is built with the same
+        # setting (build_engine.py passes KV_CACHE_REUSE).
         "enable_kv_cache_reuse": str(KV_CACHE_REUSE).lower(),
         "enable_chunked_context": "false",
         "FORCE_CPU_ONLY_INPUT_TENSORS": "no",

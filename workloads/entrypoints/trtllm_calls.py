@@ -32,12 +32,27 @@ def build_and_save_engine(*, checkpoint_dir: str, engine_dir: str, tp: int, pp: 
     """Build a TensorRT engine from a Hugging Face checkpoint directory and write it to ``engine_dir``
     (config.json + rank<N>.engine per TP x PP rank). The LLM API spawns the TP x PP MPI workers itself.
 
-    ``kv_cache_reuse`` is what the served config.pbtxt says (enable_kv_cache_reuse), stated here too because
-    KvCacheConfig's enable_block_reuse defaults to True, and a True claims paged context FMHA while an FP8
-    quantisation claims it off: the LLM API's _ConfigArbitrator then refuses the build with a
-    ConfigArbitrateError (tensorrt_llm/llmapi/llm_args.py of the engine LLM API, 0.19: _setup_kv_cache_config
-    claims use_paged_context_fmha=True for enable_block_reuse, _setup_quant_config claims it False for
-    QuantAlgo.FP8, _ConfigArbitrator._arbitrate raises "Cannot set 'use_paged_context_fmha' to be ...")."""
+    ``kv_cache_reuse`` is what the served config.pbtxt says (enable_kv_cache_reuse). KvCacheConfig's
+    enable_block_reuse defaults to True, so it is stated here too: the build and the served model then agree
+    whatever the default or the arbitration of the TensorRT-LLM in the image.
+
+    What the TensorRT-LLM source says about block reuse with FP8 (NVIDIA/TensorRT-LLM). No 1.2.x source was
+    read: no copy of these files from a commit known to be on the 1.2 line was found, and the published
+    tensorrt-llm 1.2.x Python packages are download stubs without it. Releases below are inferred from the code,
+    not from version.py at the same commit.
+      - tensorrt_llm/llmapi/llm_args.py, a 0.19-era version (read without its commit): _setup_kv_cache_config
+        claims use_paged_context_fmha=True for enable_block_reuse, _setup_quant_config claims it False for
+        QuantAlgo.FP8, and _ConfigArbitrator._arbitrate raises ConfigArbitrateError("Cannot set
+        'use_paged_context_fmha' to be ..."): there an FP8 build with the default KvCacheConfig is refused.
+      - the same file at commit fcd3f31682808ae56118ae43c1d7864a3a945e6f (pre-1.0: LlmArgs = TrtLlmArgs), read
+        whole: no _ConfigArbitrator, no claim_func; BaseLlmArgs and TrtLlmArgs check with pydantic model
+        validators, none of which ties enable_block_reuse to the quantisation. A later version (fork
+        mikeiovine/TensorRT-LLM, commit 1b1598c0c25ff230a26e1fde71ad5494b68be14a; TrtLlmArgs has
+        validate_kv_cache_dtype), BaseLlmArgs and TrtLlmArgs read whole, has no such check either.
+      - tensorrt_llm/builder.py build() at commit 008b2b8d23af95e4e19fa6f354f9c5f6349b2bfc ("Logics to control
+        paged_context_fmha and fp8_context_fmha"): for QuantAlgo.FP8 on SM 8.9+ paged context FMHA stays on,
+        and FP8 context FMHA is switched on when the KV cache is FP8.
+    So the refusal is shown for the 0.19-era code only; stating the setting is right under every version read."""
     from tensorrt_llm._tensorrt_engine import LLM
     from tensorrt_llm.llmapi import BuildConfig, CalibConfig, KvCacheConfig, QuantAlgo, QuantConfig
 
