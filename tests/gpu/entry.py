@@ -3,7 +3,7 @@
 Before the script runs as ``__main__`` it
 - puts the tiny model's NeMo config class into ``nemo.collections.llm`` (finetune.py looks it up by name),
 - lets NeMo's Hugging Face converters run without Transformer Engine (``adapt_to_missing_transformer_engine``),
-- lets the distributed optimizer save where torch's AdamW stands in for FusedAdam (``adapt_to_missing_fused_adam``),
+- trains without the distributed optimizer where torch's AdamW stands in for FusedAdam (``adapt_to_missing_fused_adam``),
 - moves the training metrics port to ``GPU_TEST_METRICS_PORT`` when set (two runs train side by side here),
 and once the script exits it writes the process's peak GPU memory to ``GPU_TEST_STATS`` (JSON), when set.
 The guard matters: checkpoint saving starts processes that import the main module again.
@@ -90,31 +90,35 @@ def adapt_to_missing_transformer_engine() -> None:
 
 
 def adapt_to_missing_fused_adam() -> None:
-    """Let the distributed optimizer save its checkpoint where neither TE nor apex provides FusedAdam.
+    """Train full SFT with Megatron-Core's plain mixed-precision optimizer where neither TE nor apex provides
+    FusedAdam: the distributed optimizer cannot checkpoint and resume torch's AdamW there.
 
-    Megatron-Core then falls back to ``torch.optim.AdamW`` (megatron/core/optimizer/__init__.py, 0.15.3, the
-    import chain at its top), whose per-parameter ``step`` is a 0-dim tensor. NeMo saves the distributed
-    optimizer in the ``dp_reshardable`` format unless ``ckpt_optim_fully_reshardable`` is set
-    (MegatronStrategy.sharded_state_dict_metadata, nemo 2.7.3), and that format asserts every state tensor spans
-    its bucket range (DistributedOptimizer.sharded_param_state_dp_reshardable): the first save fails with
-    ``AssertionError: (torch.Size([]), 0, ...)``. The ``fully_reshardable`` format, NeMo's own option, carries
-    torch Adam's ``step`` through the param groups instead (DistributedOptimizer.state_dict, "Extract 'step', for
-    non-Apex/TE support"; sharded_param_state_fully_reshardable skips it). With TE (NeMo's image) FusedAdam keeps
-    ``step`` per group and nothing changes."""
+    Without TE or apex Megatron-Core falls back to ``torch.optim.AdamW`` (megatron/core/optimizer/__init__.py,
+    0.15.3, the import chain at its top), which keeps a 0-dim ``step`` tensor per parameter. Seen on the GPU
+    machine: saving in NeMo's default ``dp_reshardable`` format fails (DistributedOptimizer
+    .sharded_param_state_dp_reshardable asserts every state tensor spans its bucket range:
+    ``AssertionError: (torch.Size([]), 0, ...)``), and after a save in the ``fully_reshardable`` format the restart
+    fails before loading (DistributedOptimizer.state_dict asserts exactly one ``step`` among the per-parameter
+    states, ``assert len(steps) == 1``, which a freshly built optimizer has none of). NeMo's image has TE, whose
+    FusedAdam keeps ``step`` per param group, so the pods take neither path. Here SFT runs as the LoRA runs
+    already do (finetune.py turns the distributed optimizer off for LoRA): NeMo's recipe function is wrapped to
+    do the same, and MegatronStrategy carries the setting into the DDP config (megatron_strategy.py, nemo 2.7.3:
+    "ddp_config.use_distributed_optimizer = mcore_opt_config.use_distributed_optimizer")."""
     import torch
     from megatron.core import optimizer as mcore_optimizer
-    from nemo.lightning.pytorch.strategies.megatron_strategy import MegatronStrategy
+    from nemo.collections.llm.recipes.optim import adam
 
     if mcore_optimizer.Adam is not torch.optim.AdamW:
         return
-    initialise = MegatronStrategy.__init__
+    recipe_function = adam.distributed_fused_adam_with_cosine_annealing
 
-    @functools.wraps(initialise)  # fiddle checks the recipe's arguments against this signature
-    def __init__(self, *args, **kwargs):
-        initialise(self, *args, **kwargs)
-        self.ckpt_optim_fully_reshardable = True
+    @functools.wraps(recipe_function)
+    def without_distributed_optimizer(*args, **kwargs):
+        optim = recipe_function(*args, **kwargs)
+        optim.config.use_distributed_optimizer = False
+        return optim
 
-    MegatronStrategy.__init__ = __init__
+    adam.distributed_fused_adam_with_cosine_annealing = without_distributed_optimizer
 
 
 def write_stats(path: str, started: float, code) -> None:

@@ -558,7 +558,9 @@ def weight_check(work: str, method: str) -> dict[str, Any]:
         details["unchanged_names"] = unchanged[:20]
     # the export is a working model: a short greedy generation on the GPU
     tuned = tuned.to("cuda")
-    prompt = tokenizer("Which sound does the cat make? Notes: apple river", return_tensors="pt").to("cuda")
+    # a Llama takes no token_type_ids, which the tokenizer trained here would add (its model_input_names)
+    prompt = tokenizer("Which sound does the cat make? Notes: apple river", return_tensors="pt",
+                       return_token_type_ids=False).to("cuda")
     output = tuned.generate(**prompt, max_new_tokens=8, do_sample=False)
     details["sample_generation"] = tokenizer.decode(output[0, prompt["input_ids"].shape[1]:], skip_special_tokens=True)
     return details
