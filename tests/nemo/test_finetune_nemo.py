@@ -34,7 +34,8 @@ pytestmark = pytest.mark.skipif(not RUNS_DIR, reason="run through tests/nemo/run
 
 
 def build_for_test(run_file: Path):
-    """The real NeMo objects of a stack's run, with the two test-only overrides (CPU, no fused RoPE)."""
+    """The real NeMo objects of a stack's run, with the test-only overrides (CPU, no fused RoPE, and no tokenizer:
+    it is loaded from the imported base checkpoint on FSx, which a CPU test does not have)."""
     import fiddle as fdl
 
     run = json.loads(run_file.read_text())
@@ -42,6 +43,7 @@ def build_for_test(run_file: Path):
     testable = copy.deepcopy(recipe)
     testable.trainer.accelerator, testable.trainer.devices, testable.trainer.num_nodes = "cpu", 1, 1
     testable.model.config.apply_rope_fusion = False
+    testable.model.tokenizer = None
     partial = fdl.build(testable)  # functools.partial(llm.finetune, model=..., trainer=..., ...)
     return run, recipe, partial.func, partial.keywords
 
@@ -154,6 +156,21 @@ def _tuned_vp_runs():
             "linear_qkv", "linear_proj", "linear_fc1", "linear_fc2"]} if tuned.method == "lora" else None
         runs.append(pytest.param(run, id=f"{tuned.model}-{tuned.method}-{tuned.precision}-{tuned.gpus}"))
     return runs
+
+
+@pytest.mark.parametrize("run_file", RUN_FILES, ids=lambda p: p.stem)
+def test_the_tokenizer_comes_from_the_imported_base_never_from_a_resumed_checkpoint(run_file):
+    """A restarted run keeps the base's tokenizer: AutoResume must not take it from the checkpoint it resumes
+    from, which ModelCheckpoint later deletes (finetune.build_recipe says why)."""
+    from nemo.lightning.io import load_context
+
+    run = json.loads(run_file.read_text())
+    recipe = finetune.build_recipe(run)
+    assert recipe.model.tokenizer.__fn_or_cls__ is load_context
+    assert recipe.model.tokenizer.path == os.path.join(run["paths"]["base_nemo_dir"], "context")
+    assert recipe.model.tokenizer.subpath == "model.tokenizer"
+    assert recipe.resume.restore_config.load_artifacts is False
+    assert recipe.resume.restore_config.path == run["paths"]["base_nemo_dir"]
 
 
 @pytest.mark.parametrize("run", _tuned_vp_runs())
@@ -302,6 +319,7 @@ def build_in_cluster_shape(run_file: Path):
     testable = copy.deepcopy(finetune.build_recipe(run))
     testable.trainer.accelerator = "cpu"
     testable.model.config.apply_rope_fusion = False
+    testable.model.tokenizer = None  # loaded from the imported base on FSx (build_for_test)
     return run, fdl.build(testable).keywords
 
 

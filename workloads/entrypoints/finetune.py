@@ -71,6 +71,7 @@ def build_recipe(run: dict[str, Any]):
     from nemo.collections.llm.recipes.log.default import tensorboard_logger
     from nemo.collections.llm.recipes.optim.adam import distributed_fused_adam_with_cosine_annealing
     from nemo.collections.llm.recipes.precision.mixed_precision import bf16_mixed, bf16_with_fp8_mixed
+    from nemo.lightning.io import load_context
 
     training, paths = run["training"], run["paths"]
     model_spec, par, batch = training["model"], training["parallelism"], training["batch"]
@@ -179,7 +180,18 @@ def build_recipe(run: dict[str, Any]):
     # Continue from the newest checkpoint in the log dir when a pod restarts; start from the imported base
     # otherwise (the log dir takes precedence over restore_config).
     recipe.resume = nr.Config(nl.AutoResume, resume_if_exists=True, resume_ignore_no_checkpoint=True,
-                              restore_config=nr.Config(nl.RestoreConfig, path=paths["base_nemo_dir"]))
+                              restore_config=nr.Config(nl.RestoreConfig, path=paths["base_nemo_dir"],
+                                                       load_artifacts=False))
+    # The tokenizer always comes from the imported base, whose directory lives as long as the run. With
+    # load_artifacts, AutoResume would take it from the checkpoint a restarted run resumes from (except for PEFT,
+    # "in case the first peft checkpoint is deleted before the current peft checkpoint is saved":
+    # AutoResume.setup, nemo/lightning/resume.py, nemo_toolkit 2.7.3). ModelCheckpoint deletes that checkpoint once
+    # newer ones exist, and from then on every save names the deleted directory instead of copying it
+    # (DirOrStringArtifact.dump keeps a path that does not exist as a plain string, nemo/lightning/io/artifact/
+    # file.py), so export_ckpt of the final checkpoint fails. Seen on a GPU after a kill and resume of full SFT
+    # (docs/gpu-run.md).
+    recipe.model.tokenizer = nr.Config(load_context, path=os.path.join(paths["base_nemo_dir"], "context"),
+                                       subpath="model.tokenizer")
     return recipe
 
 
