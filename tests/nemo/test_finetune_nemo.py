@@ -162,13 +162,13 @@ def _tuned_vp_runs():
 def test_the_tokenizer_comes_from_the_imported_base_never_from_a_resumed_checkpoint(run_file):
     """A restarted run keeps the base's tokenizer: AutoResume must not take it from the checkpoint it resumes
     from, which ModelCheckpoint later deletes (finetune.build_recipe says why)."""
-    from nemo.lightning.io import load_context
+    from nemo.collections.common.tokenizers.huggingface.auto_tokenizer import AutoTokenizer
 
     run = json.loads(run_file.read_text())
     recipe = finetune.build_recipe(run)
-    assert recipe.model.tokenizer.__fn_or_cls__ is load_context
-    assert recipe.model.tokenizer.path == os.path.join(run["paths"]["base_nemo_dir"], "context")
-    assert recipe.model.tokenizer.subpath == "model.tokenizer"
+    assert recipe.model.tokenizer.__fn_or_cls__ is AutoTokenizer
+    assert recipe.model.tokenizer.pretrained_model_name == os.path.join(run["paths"]["base_nemo_dir"], "context",
+                                                                       "nemo_tokenizer")
     assert recipe.resume.restore_config.load_artifacts is False
     assert recipe.resume.restore_config.path == run["paths"]["base_nemo_dir"]
 

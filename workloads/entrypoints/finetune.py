@@ -33,6 +33,7 @@ import dataset  # noqa: E402
 import layout  # noqa: E402
 import training_metrics  # noqa: E402
 
+BASE_TOKENIZER_DIR = "nemo_tokenizer"  # where import_ckpt's context keeps the tokenizer's files
 LOG_NAME = "finetune"  # stable: AutoResume finds <nemo_log_dir>/finetune/checkpoints after a pod restart
 SEED = 1234
 # Llama was pretrained with BOS; NeMo's SFT dataset defaults to add_bos=False. Training with it keeps the
@@ -71,7 +72,7 @@ def build_recipe(run: dict[str, Any]):
     from nemo.collections.llm.recipes.log.default import tensorboard_logger
     from nemo.collections.llm.recipes.optim.adam import distributed_fused_adam_with_cosine_annealing
     from nemo.collections.llm.recipes.precision.mixed_precision import bf16_mixed, bf16_with_fp8_mixed
-    from nemo.lightning.io import load_context
+    from nemo.collections.common.tokenizers.huggingface.auto_tokenizer import AutoTokenizer
 
     training, paths = run["training"], run["paths"]
     model_spec, par, batch = training["model"], training["parallelism"], training["batch"]
@@ -189,9 +190,12 @@ def build_recipe(run: dict[str, Any]):
     # newer ones exist, and from then on every save names the deleted directory instead of copying it
     # (DirOrStringArtifact.dump keeps a path that does not exist as a plain string, nemo/lightning/io/artifact/
     # file.py), so export_ckpt of the final checkpoint fails. Seen on a GPU after a kill and resume of full SFT
-    # (docs/gpu-run.md).
-    recipe.model.tokenizer = nr.Config(load_context, path=os.path.join(paths["base_nemo_dir"], "context"),
-                                       subpath="model.tokenizer")
+    # (docs/gpu-run.md). The tokenizer is built as the Llama importer builds it, AutoTokenizer(<assets dir>)
+    # (HFLlamaImporter.tokenizer, nemo/collections/llm/gpt/model/llama.py), from the copy import_ckpt keeps in the
+    # base's context/nemo_tokenizer (io.load_context cannot be used here: it calls fdl.build, which fiddle forbids
+    # inside the recipe's own build).
+    recipe.model.tokenizer = nr.Config(AutoTokenizer, pretrained_model_name=os.path.join(
+        paths["base_nemo_dir"], "context", BASE_TOKENIZER_DIR))
     return recipe
 
 
