@@ -215,7 +215,7 @@ class PublishedRun:
     tokens_per_sec_per_gpu: float | None  # None: a tuned recipe without a published measurement
     source: str
     tuned: bool = False  # a tuned layout the planner must pick for this model, method, precision, GPU and count
-    memory: MemorySettings = POD_MEMORY  # what the run kept per parameter (its optimizer and precision settings)
+    memory_settings: MemorySettings = POD_MEMORY  # what it kept per parameter (optimizer, precision settings)
     note: str = ""
 
     @property
@@ -224,9 +224,9 @@ class PublishedRun:
 
 
 def _run(model, method, precision, gpus, tp, pp, vp, tokens, source, *, gbs=32, recompute="none", tuned=False,
-         memory=POD_MEMORY, note=""):
+         memory_settings=POD_MEMORY, note=""):
     return PublishedRun(model, method, precision, "H100", gpus, tp, pp, 1, vp, recompute, 1, gbs, 4096, tokens,
-                        source, tuned, memory, note)
+                        source, tuned, memory_settings, note)
 
 
 PUBLISHED: tuple[PublishedRun, ...] = (
@@ -244,19 +244,19 @@ PUBLISHED: tuple[PublishedRun, ...] = (
          note="LoRA on linear_qkv only in the recipe; the product adapts all four projections"),
     # Earlier measurements: the throughput model's other data points.
     _run("llama2-7b", "sft", "fp8", 8, 1, 1, None, 16891, f"{_NEMO_2407}; {_LAUNCHER_2407.format('7b_1node')}",
-         memory=NEMO_2407_MEMORY),
+         memory_settings=NEMO_2407_MEMORY),
     _run("llama2-13b", "sft", "fp8", 8, 1, 4, 10, 10176, f"{_NEMO_2407}; {_LAUNCHER_2407.format('13b_1node')}",
-         memory=NEMO_2407_MEMORY),
+         memory_settings=NEMO_2407_MEMORY),
     # DP 1: the optimizer state is not sharded. Under the pods' Megatron-Core settings (12 bytes of fp32 state per
     # parameter) this layout would not fit without recompute; with NeMo 24.07's bf16 optimizer state it does.
     _run("llama2-70b", "sft", "fp8", 16, 4, 4, 20, 1816, f"{_NEMO_2407}; {_LAUNCHER_2407.format('70b_2node')}",
-         memory=NEMO_2407_MEMORY),
+         memory_settings=NEMO_2407_MEMORY),
     _run("llama2-7b", "lora", "fp8", 8, 1, 1, None, 24824, f"{_NEMO_2407}; {_LAUNCHER_2407.format('7b_1node_lora')}",
-         memory=NEMO_2407_MEMORY),
+         memory_settings=NEMO_2407_MEMORY),
     _run("llama2-13b", "lora", "fp8", 8, 1, 1, None, 14629, f"{_NEMO_2407}; {_LAUNCHER_2407.format('13b_1node_lora')}",
-         memory=NEMO_2407_MEMORY),
+         memory_settings=NEMO_2407_MEMORY),
     _run("llama2-70b", "lora", "fp8", 8, 2, 4, None, 2621, f"{_NEMO_2407}; {_LAUNCHER_2407.format('70b_1node_lora')}",
-         memory=NEMO_2407_MEMORY),
+         memory_settings=NEMO_2407_MEMORY),
     # dgxc-benchmarking prints "PP=41" for the 8B runs, a typo for PP=1 (8 GPUs, DP 8, GBS 32 = 4 micro-batches each).
     *(_run("llama31-8b", method, precision, gpus, 1, 1, None, tokens / gpus, _DGXC_2412, gbs=4 * gpus)
       for method, precision, by_gpus in (

@@ -212,7 +212,7 @@ def _published_memory(run, settings=None):
     request = TrainingRequest(MODELS[run.model], run.method, P5, run.precision, run.seq_length, run.micro_batch_size,
                               run.global_batch_size)
     return memory_breakdown(request, run.tp, run.pp, run.cp, run.gpus // (run.tp * run.pp * run.cp), run.recompute,
-                            run.vp_size, run.memory if settings is None else settings)
+                            run.vp_size, run.memory_settings if settings is None else settings)
 
 
 @pytest.mark.parametrize("run", sizing.PUBLISHED, ids=lambda r: f"{r.model}-{r.method}-{r.precision}-{r.gpus}-{r.source[:12]}")
@@ -231,7 +231,7 @@ def test_nemo_2407_llama2_70b_sft_on_16_gpus_fits_without_recompute_with_its_bf1
     12 bytes of fp32. The pods keep fp32 state, and for them the same layout really does not fit without
     recompute: the planner must still say so."""
     run = next(r for r in sizing.PUBLISHED if (r.model, r.method, r.gpus) == ("llama2-70b", "sft", 16))
-    assert (run.tp, run.pp, run.vp, run.recompute, run.memory) == (4, 4, 20, "none", sizing.NEMO_2407_MEMORY)
+    assert (run.tp, run.pp, run.vp, run.recompute, run.memory_settings) == (4, 4, 20, "none", sizing.NEMO_2407_MEMORY)
     own, pods = _published_memory(run), _published_memory(run, sizing.POD_MEMORY)
     model = MODELS["llama2-70b"]
     params_here = (20 * model.params_per_layer + model.embedding_params) // 4
@@ -252,7 +252,7 @@ def test_the_nemo_2407_settings_come_from_the_launcher_examples_of_the_same_runs
     assert len(rows) == 6
     for run in rows:
         assert "NeMo-Framework-Launcher examples/peft/llama/h100/" in run.source
-        assert run.memory is sizing.NEMO_2407_MEMORY and run.recompute == "none"
+        assert run.memory_settings is sizing.NEMO_2407_MEMORY and run.recompute == "none"
     vp = {(r.model, r.method): r.vp for r in rows}
     assert vp == {("llama2-7b", "sft"): None, ("llama2-13b", "sft"): 10, ("llama2-70b", "sft"): 20,
                   ("llama2-7b", "lora"): None, ("llama2-13b", "lora"): None, ("llama2-70b", "lora"): None}
