@@ -147,6 +147,34 @@ ADAPTER_BYTES = WEIGHT_BYTES + GRAD_BYTES + OPTIMIZER_BYTES
 CHECKPOINT_BYTES_PER_PARAM = WEIGHT_BYTES + OPTIMIZER_BYTES
 
 
+@dataclass(frozen=True)
+class MemorySettings:
+    """Bytes per parameter a training run keeps, by what its optimizer and precision settings hold. The pods run
+    ``POD_MEMORY`` (the constants above); a published run is judged under the settings it was run with."""
+
+    grad_bytes: int  # the gradient buffer (SFT)
+    optimizer_bytes: int  # master weights + Adam moments, sharded over the data-parallel x context-parallel ranks
+    fp8_sft_weight_bytes: int  # FP8 SFT compute weights (and their cached transpose, if kept)
+    fp8_frozen_weight_bytes: int  # FP8 LoRA's frozen base (and its cached FP8 copies, if kept)
+
+
+POD_MEMORY = MemorySettings(GRAD_BYTES, OPTIMIZER_BYTES, FP8_PARAM_BYTES, WEIGHT_BYTES + FP8_WEIGHT_CACHE_BYTES)
+
+# NeMo 24.07 (NeMo 1) fine-tuning on H100, as NeMo-Framework-Launcher's H100 examples for the published runs set it
+# (launcher_scripts/conf/peft/llama/sft.yaml @ 1a7171d7, the July 2024 config; examples/peft/llama/h100/*.sh):
+# - SFT: optim.name distributed_fused_adam with ``dtype: bf16``, NeMo's MegatronDistributedFusedAdam over Apex's
+#   DistributedFusedAdam, whose ``dtype`` is the "datatype for optimizer state": with fp8_params NeMo sets
+#   store_params=True (nemo/collections/nlp/models/language_modeling/megatron_base_model.py setup_optimization,
+#   NeMo v2.0.0), and Apex then keeps params_shard, exp_avg_shard and exp_avg_sq_shard in that dtype
+#   (apex/contrib/optimizers/distributed_fused_adam.py StateBucket, @ 6424da3b): 3 x 2 bytes, sharded over the
+#   data-parallel ranks. Its contiguous gradient buffer is in grad_sync_dtype, bf16: 2 bytes;
+# - ``fp8_params=true`` keeps every weight (the frozen base of LoRA too) in FP8, and the launcher config leaves
+#   Megatron-Core's parameter transpose cache on (disable_parameter_transpose_cache defaults to False; see
+#   FP8_WEIGHT_CACHE_BYTES), so Transformer Engine also keeps each FP8 weight's transpose: 1 + 1 bytes.
+NEMO_2407_MEMORY = MemorySettings(grad_bytes=2, optimizer_bytes=3 * 2, fp8_sft_weight_bytes=2,
+                                  fp8_frozen_weight_bytes=2)
+
+
 # ---------------------------------------------------------------------------------------------------------
 # NVIDIA's published fine-tuning runs: the tuned layouts the planner picks, and the measurements its throughput
 # model is fitted to. The one table of them.
@@ -157,6 +185,11 @@ _BRIDGE_2606 = (f"NVIDIA-NeMo/Megatron-Bridge docs/performance-summary-archive.m
                 f"@ {_BRIDGE_COMMIT[:8]}")
 _NEMO_2407 = ("NVIDIA/NeMo docs/source/performance/performance_summary.md @ 8e3d65dc (NeMo 24.07, DGX-H100, "
               "SQuAD packed to 4096)")
+# The summary gives TP and PP only. NeMo-Framework-Launcher's H100 examples of the same runs (same model, GPUs,
+# TP, PP, micro-batch 1, global batch 32, FP8, SQuAD packed to 4096) give the rest: virtual pipeline 10 for 13B
+# SFT and 20 for 70B SFT, none for 70B LoRA, no activation recompute, the optimizer of NEMO_2407_MEMORY.
+_LAUNCHER_2407 = ("NVIDIA/NeMo-Framework-Launcher examples/peft/llama/h100/{}.sh, "
+                  "launcher_scripts/conf/peft/llama/sft.yaml @ 1a7171d7")
 _DGXC_2412 = ("NVIDIA/dgxc-benchmarking llama3/finetuning/README_8b.md, README_70b.md @ 8f5cbb37 "
               "(nvcr.io/nvidia/nemo:24.12, DGX-H100)")
 
@@ -174,7 +207,7 @@ class PublishedRun:
     tp: int
     pp: int
     cp: int
-    vp: int | None  # None: not published (modelled without interleaving)
+    vp: int | None  # None: no interleaving
     recompute: str
     micro_batch_size: int
     global_batch_size: int
@@ -182,7 +215,7 @@ class PublishedRun:
     tokens_per_sec_per_gpu: float | None  # None: a tuned recipe without a published measurement
     source: str
     tuned: bool = False  # a tuned layout the planner must pick for this model, method, precision, GPU and count
-    fits_here: bool = True  # False: the run needs more than this memory model allows (see ``note``)
+    memory_settings: MemorySettings = POD_MEMORY  # what it kept per parameter (optimizer, precision settings)
     note: str = ""
 
     @property
@@ -191,9 +224,9 @@ class PublishedRun:
 
 
 def _run(model, method, precision, gpus, tp, pp, vp, tokens, source, *, gbs=32, recompute="none", tuned=False,
-         fits_here=True, note=""):
+         memory_settings=POD_MEMORY, note=""):
     return PublishedRun(model, method, precision, "H100", gpus, tp, pp, 1, vp, recompute, 1, gbs, 4096, tokens,
-                        source, tuned, fits_here, note)
+                        source, tuned, memory_settings, note)
 
 
 PUBLISHED: tuple[PublishedRun, ...] = (
@@ -210,15 +243,20 @@ PUBLISHED: tuple[PublishedRun, ...] = (
     _run("llama31-70b", "lora", "fp8", 8, 2, 4, 20, 2643, f"{_BRIDGE_RECIPES}; {_BRIDGE_2606}", tuned=True,
          note="LoRA on linear_qkv only in the recipe; the product adapts all four projections"),
     # Earlier measurements: the throughput model's other data points.
-    _run("llama2-7b", "sft", "fp8", 8, 1, 1, None, 16891, _NEMO_2407),
-    _run("llama2-13b", "sft", "fp8", 8, 1, 4, None, 10176, _NEMO_2407),
-    _run("llama2-70b", "sft", "fp8", 16, 4, 4, None, 1816, _NEMO_2407, fits_here=False,
-         note="DP 1: 4.3 B parameters per GPU need 77 GB for weights, gradients and Adam state alone under "
-              "Megatron-Core's 6 + 12/d bytes; NeMo 24.07 (NeMo 1, Apex optimizer) must have held its optimizer "
-              "state differently, so only its throughput is used"),
-    _run("llama2-7b", "lora", "fp8", 8, 1, 1, None, 24824, _NEMO_2407),
-    _run("llama2-13b", "lora", "fp8", 8, 1, 1, None, 14629, _NEMO_2407),
-    _run("llama2-70b", "lora", "fp8", 8, 2, 4, None, 2621, _NEMO_2407),
+    _run("llama2-7b", "sft", "fp8", 8, 1, 1, None, 16891, f"{_NEMO_2407}; {_LAUNCHER_2407.format('7b_1node')}",
+         memory_settings=NEMO_2407_MEMORY),
+    _run("llama2-13b", "sft", "fp8", 8, 1, 4, 10, 10176, f"{_NEMO_2407}; {_LAUNCHER_2407.format('13b_1node')}",
+         memory_settings=NEMO_2407_MEMORY),
+    # DP 1: the optimizer state is not sharded. Under the pods' Megatron-Core settings (12 bytes of fp32 state per
+    # parameter) this layout would not fit without recompute; with NeMo 24.07's bf16 optimizer state it does.
+    _run("llama2-70b", "sft", "fp8", 16, 4, 4, 20, 1816, f"{_NEMO_2407}; {_LAUNCHER_2407.format('70b_2node')}",
+         memory_settings=NEMO_2407_MEMORY),
+    _run("llama2-7b", "lora", "fp8", 8, 1, 1, None, 24824, f"{_NEMO_2407}; {_LAUNCHER_2407.format('7b_1node_lora')}",
+         memory_settings=NEMO_2407_MEMORY),
+    _run("llama2-13b", "lora", "fp8", 8, 1, 1, None, 14629, f"{_NEMO_2407}; {_LAUNCHER_2407.format('13b_1node_lora')}",
+         memory_settings=NEMO_2407_MEMORY),
+    _run("llama2-70b", "lora", "fp8", 8, 2, 4, None, 2621, f"{_NEMO_2407}; {_LAUNCHER_2407.format('70b_1node_lora')}",
+         memory_settings=NEMO_2407_MEMORY),
     # dgxc-benchmarking prints "PP=41" for the 8B runs, a typo for PP=1 (8 GPUs, DP 8, GBS 32 = 4 micro-batches each).
     *(_run("llama31-8b", method, precision, gpus, 1, 1, None, tokens / gpus, _DGXC_2412, gbs=4 * gpus)
       for method, precision, by_gpus in (
@@ -511,7 +549,8 @@ def activation_bytes_per_token_per_layer(model: ModelSpec) -> float:
 
 
 def memory_breakdown(request: TrainingRequest, tp: int, pp: int, cp: int, dp: int, recompute: str,
-                     vp: int = 1) -> MemoryBreakdown:
+                     vp: int = 1, settings: MemorySettings = POD_MEMORY) -> MemoryBreakdown:
+    """The most loaded GPU's bytes under ``settings`` (the pods' unless a published run's own are given)."""
     model, instance = request.model, request.instance
     layers_here = stage_layers(model, pp)
     # The first stage holds the input embedding, the last the output layer; with one stage, both.
@@ -519,13 +558,13 @@ def memory_breakdown(request: TrainingRequest, tp: int, pp: int, cp: int, dp: in
     params_here = (layers_here * model.params_per_layer + embedding_here) // tp
 
     if request.method == "sft":
-        weights = params_here * (FP8_PARAM_BYTES if request.precision == "fp8" else WEIGHT_BYTES)
-        gradients = params_here * GRAD_BYTES
-        optimizer = params_here * OPTIMIZER_BYTES // (dp * cp)  # distributed optimizer
+        weights = params_here * (settings.fp8_sft_weight_bytes if request.precision == "fp8" else WEIGHT_BYTES)
+        gradients = params_here * settings.grad_bytes
+        optimizer = params_here * settings.optimizer_bytes // (dp * cp)  # distributed optimizer
         adapters = 0
     else:
         # frozen base: weights only, no gradient buffer
-        weights = params_here * (WEIGHT_BYTES + (FP8_WEIGHT_CACHE_BYTES if request.precision == "fp8" else 0))
+        weights = params_here * (settings.fp8_frozen_weight_bytes if request.precision == "fp8" else WEIGHT_BYTES)
         gradients = optimizer = 0
         adapters = layers_here * model.lora_params_per_layer(request.lora_rank) // tp * ADAPTER_BYTES
 
@@ -1266,7 +1305,8 @@ def tuned_table() -> str:
 
 def _measurement_source(run: PublishedRun) -> str:
     """Where the measurement was published (a tuned row cites its recipe first)."""
-    return next((part for part in run.source.split("; ") if "perf_recipes" not in part), run.source).split(" @")[0]
+    return next((part for part in run.source.split("; ") if "perf_recipes" not in part and "Launcher" not in part),
+                run.source).split(" @")[0]
 
 
 def leave_one_out_table(held_out: Sequence[HeldOut] | None = None) -> str:
@@ -1276,7 +1316,7 @@ def leave_one_out_table(held_out: Sequence[HeldOut] | None = None) -> str:
              "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for h in held_out:
         r = h.run
-        layout = f"TP{r.tp} PP{r.pp}" + (f" VP{r.vp}" if r.vp else "") + (" (VP unpublished)" if r.vp is None and r.pp > 1 else "")
+        layout = f"TP{r.tp} PP{r.pp}" + (f" VP{r.vp}" if r.vp else "")
         lines.append(f"| {MODELS[r.model].display} | {r.method} | {r.precision} | {r.gpus} | {layout} | "
                      f"{r.global_batch_size} | {r.tokens_per_sec_per_gpu:,.0f} | {h.predicted:,.0f} | {h.error:+.1%} | "
                      f"{_measurement_source(r)} |")

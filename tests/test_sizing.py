@@ -208,18 +208,65 @@ def test_a_fixed_setting_that_differs_from_the_tuned_layout_is_searched():
     assert result.tuned is None and result.parallelism.tp == 8 and result.fits
 
 
-@pytest.mark.parametrize("run", sizing.PUBLISHED, ids=lambda r: f"{r.model}-{r.method}-{r.precision}-{r.gpus}-{r.source[:12]}")
-def test_no_published_configuration_is_judged_not_to_fit(run):
-    """Every published run fits at its own layout, batch and recompute setting (so a run without recompute
-    is never given full recompute), except one whose optimizer state cannot be Megatron-Core's; that one must
-    really not fit and say why."""
+def _published_memory(run, settings=None):
     request = TrainingRequest(MODELS[run.model], run.method, P5, run.precision, run.seq_length, run.micro_batch_size,
                               run.global_batch_size)
-    memory = memory_breakdown(request, run.tp, run.pp, run.cp, run.gpus // (run.tp * run.pp * run.cp), run.recompute,
-                              run.vp_size)
-    assert memory.fits == run.fits_here
-    if not run.fits_here:
-        assert "6 + 12/d" in run.note
+    return memory_breakdown(request, run.tp, run.pp, run.cp, run.gpus // (run.tp * run.pp * run.cp), run.recompute,
+                            run.vp_size, run.memory_settings if settings is None else settings)
+
+
+@pytest.mark.parametrize("run", sizing.PUBLISHED, ids=lambda r: f"{r.model}-{r.method}-{r.precision}-{r.gpus}-{r.source[:12]}")
+def test_no_published_configuration_is_judged_not_to_fit(run):
+    """Every published run fits at its own layout, batch and recompute setting, under the memory settings it ran
+    with (so a run without recompute is never given full recompute), and keeps Megatron-Core's interleaving rules."""
+    assert _published_memory(run).fits
+    dp = run.gpus // (run.tp * run.pp * run.cp)
+    micro_batches = run.global_batch_size // (run.micro_batch_size * dp)
+    assert sizing.virtual_pipeline_problem(MODELS[run.model], run.pp, run.vp_size, micro_batches) == ""
+
+
+def test_nemo_2407_llama2_70b_sft_on_16_gpus_fits_without_recompute_with_its_bf16_optimizer_state():
+    """NeMo 24.07's Llama-2-70B SFT at TP4 PP4 (VP20) and DP 1 ran without recompute: its Apex distributed
+    optimizer kept master weights and both Adam moments in bf16 (6 bytes, unsharded at DP 1), not Megatron-Core's
+    12 bytes of fp32. The pods keep fp32 state, and for them the same layout really does not fit without
+    recompute: the planner must still say so."""
+    run = next(r for r in sizing.PUBLISHED if (r.model, r.method, r.gpus) == ("llama2-70b", "sft", 16))
+    assert (run.tp, run.pp, run.vp, run.recompute, run.memory_settings) == (4, 4, 20, "none", sizing.NEMO_2407_MEMORY)
+    own, pods = _published_memory(run), _published_memory(run, sizing.POD_MEMORY)
+    model = MODELS["llama2-70b"]
+    params_here = (20 * model.params_per_layer + model.embedding_params) // 4
+    assert own.optimizer == 6 * params_here and pods.optimizer == 12 * params_here  # DP 1: nothing to shard over
+    assert own.weights == 2 * params_here and own.gradients == 2 * params_here  # FP8 + cached transpose; bf16 grads
+    assert own.activations == pods.activations  # the same Megatron-Core activation accounting for both
+    assert own.fits and own.total < own.usable - 8 * GIB
+    assert not pods.fits and pods.total > pods.usable
+    # The planner, with the pods' optimizer, gives that layout full recompute rather than a layout that cannot run.
+    fixed = plan(TrainingRequest(model, "sft", P5, "fp8", global_batch_size=32, nodes=2, tp=4, pp=4))
+    assert fixed.fits and fixed.parallelism.recompute == "full"
+    assert not memory_breakdown(fixed.request, 4, 4, 1, 1, "none", fixed.parallelism.vp).fits
+
+
+def test_the_nemo_2407_settings_come_from_the_launcher_examples_of_the_same_runs():
+    """NeMo's summary gives TP and PP only; the launcher's H100 examples give VP and the optimizer."""
+    rows = [r for r in sizing.PUBLISHED if "NVIDIA/NeMo docs" in r.source]
+    assert len(rows) == 6
+    for run in rows:
+        assert "NeMo-Framework-Launcher examples/peft/llama/h100/" in run.source
+        assert run.memory_settings is sizing.NEMO_2407_MEMORY and run.recompute == "none"
+    vp = {(r.model, r.method): r.vp for r in rows}
+    assert vp == {("llama2-7b", "sft"): None, ("llama2-13b", "sft"): 10, ("llama2-70b", "sft"): 20,
+                  ("llama2-7b", "lora"): None, ("llama2-13b", "lora"): None, ("llama2-70b", "lora"): None}
+    # Apex DistributedFusedAdam with dtype bf16 keeps params, exp_avg and exp_avg_sq in bf16.
+    assert sizing.NEMO_2407_MEMORY.optimizer_bytes == 6 and sizing.POD_MEMORY.optimizer_bytes == 12
+
+
+def test_the_pods_memory_settings_are_the_module_constants():
+    assert sizing.POD_MEMORY == sizing.MemorySettings(sizing.GRAD_BYTES, sizing.OPTIMIZER_BYTES,
+                                                      sizing.FP8_PARAM_BYTES,
+                                                      sizing.WEIGHT_BYTES + sizing.FP8_WEIGHT_CACHE_BYTES)
+    request = TrainingRequest(MODELS["llama31-70b"], "sft", P5, "fp8")
+    assert memory_breakdown(request, 4, 4, 1, 2, "none", 5) == memory_breakdown(request, 4, 4, 1, 2, "none", 5,
+                                                                                sizing.POD_MEMORY)
 
 
 def test_the_tuned_table_is_one_table_with_sources():
