@@ -701,12 +701,12 @@ def _published_terms(run: PublishedRun) -> _StepTerms:
 
 
 def _published_tokens_per_second(run: PublishedRun, fit: ThroughputFit) -> float:
-    return _published_rate(run, fit.efficiency[(run.precision, run.method)], fit.comm_exposed)
+    return _published_rate(run, _published_terms(run), fit.efficiency[(run.precision, run.method)], fit.comm_exposed)
 
 
-def _published_rate(run: PublishedRun, efficiency: float, comm_exposed: float) -> float:
-    """``step_seconds`` of the published layout, with NVIDIA's data-parallel overlap, as tokens/s/GPU."""
-    seconds = _step_seconds(_published_terms(run), efficiency, comm_exposed, overlap_data_parallel=True)
+def _published_rate(run: PublishedRun, terms: _StepTerms, efficiency: float, comm_exposed: float) -> float:
+    """``step_seconds`` of the published layout (``terms``), with NVIDIA's data-parallel overlap, as tokens/s/GPU."""
+    seconds = _step_seconds(terms, efficiency, comm_exposed, overlap_data_parallel=True)
     return run.global_batch_size * run.seq_length / seconds / run.gpus
 
 
@@ -720,19 +720,21 @@ def fit_throughput(runs: Sequence[PublishedRun]) -> ThroughputFit:
     missing = [f"{p} {m}" for p in PRECISIONS for m in METHODS if (p, m) not in groups]
     if missing:
         raise ValueError(f"no published measurement to fit for {', '.join(missing)}")
+    layouts = {key: [(r, _published_terms(r)) for r in members] for key, members in groups.items()}
     best: tuple[float, ThroughputFit] | None = None
     for exposed in _COMM_EXPOSED_GRID:
         efficiency: dict[tuple[str, str], float] = {}
         squared = 0.0
-        for key, members in sorted(groups.items()):
+        for key, members in sorted(layouts.items()):
             low, high = 0.05, 1.0
             for _ in range(30):
                 middle = (low + high) / 2
-                errors = [math.log(_published_rate(r, middle, exposed) / r.tokens_per_sec_per_gpu) for r in members]
+                errors = [math.log(_published_rate(r, t, middle, exposed) / r.tokens_per_sec_per_gpu)
+                          for r, t in members]
                 low, high = (middle, high) if sum(errors) < 0 else (low, middle)
             efficiency[key] = (low + high) / 2
-            squared += sum(math.log(_published_rate(r, efficiency[key], exposed) / r.tokens_per_sec_per_gpu) ** 2
-                           for r in members)
+            squared += sum(math.log(_published_rate(r, t, efficiency[key], exposed) / r.tokens_per_sec_per_gpu) ** 2
+                           for r, t in members)
         if best is None or squared < best[0] - 1e-12:
             best = (squared, ThroughputFit(MappingProxyType(efficiency), exposed))
     assert best is not None
