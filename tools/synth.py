@@ -32,6 +32,7 @@ from typing import Any, Awaitable, Callable, Mapping
 import yaml
 
 from infra import config as stack_config
+from tools import sdk_modules
 
 ROOT = Path(__file__).resolve().parent.parent
 STACKS_DIR = ROOT / "stacks"
@@ -482,8 +483,10 @@ def run_cli() -> int:
     during the run and the one at exit took half of the plan's time (measured with ``gc.callbacks``; peak
     memory is the same without them). Reference counting still frees everything that is not in a cycle;
     ``gc.freeze`` keeps the exit from walking what the process is about to hand back to the system
-    (https://docs.python.org/3/library/gc.html#gc.freeze)."""
+    (https://docs.python.org/3/library/gc.html#gc.freeze). The SDKs' service packages load only the resource
+    modules the program uses (``tools/sdk_modules.py``)."""
     gc.disable()
+    sdk_modules.install()
     try:
         return main()
     finally:
