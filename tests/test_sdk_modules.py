@@ -92,3 +92,11 @@ def test_a_process_with_the_finder_loads_only_what_it_uses():
         "outputs": "module",
         "module": "pulumi_aws.ec2.vpc",
     }
+
+
+def test_the_plan_cli_installs_the_finder_before_the_sdks_load():
+    """run_cli installs it after tools.synth is imported: were an SDK imported by then, its service packages
+    would already have the path finder's loader, and the plan would load every module again (same bytes, slower)."""
+    probe = "import sys, tools.synth; print(sorted(m for m in sys.modules if m.startswith(('pulumi_aws', 'pulumi_k'))))"
+    result = subprocess.run([sys.executable, "-c", probe], cwd=synth.ROOT, check=True, capture_output=True, text=True)
+    assert result.stdout.strip() == "[]"

@@ -363,8 +363,8 @@ def synthesize(stack: str, config: Mapping[str, str] | None = None, secret_keys:
     # A coroutine, awaited by the runtime's own event loop. Waiting on each output with the SDK's
     # ``_sync_await`` from inside the running program pumps the loop re-entrantly and, when it returns, pads the
     # loop's ready queue back to its old length with a cancelled handle per callback it ran
-    # (pulumi/runtime/sync_await.py, pulumi 3.272): some 70,000 no-op handles for the largest stack, a tenth of
-    # the plan's time after the imports.
+    # (pulumi/runtime/sync_await.py, pulumi 3.272): some 70,000 no-op handles for the largest stack, 40-60 ms
+    # of the 0.4 s the program takes to run here once its modules are loaded.
     async def run() -> None:
         for key, value in program.build(cfg).items():
             output = pulumi.Output.from_input(value)
