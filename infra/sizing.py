@@ -18,6 +18,7 @@ import json
 import math
 import sys
 from dataclasses import asdict, dataclass, replace
+from functools import lru_cache
 from types import MappingProxyType
 from typing import Any, Iterable, Mapping, Sequence
 
@@ -660,12 +661,32 @@ def step_seconds(model: ModelSpec, method: str, precision: str, instance: Instan
     the pods run NeMo 2.7.3's MegatronStrategy default DistributedDataParallelConfig(check_for_nan_in_grad=True),
     where megatron-core 0.16 leaves both off, so for them the whole exchange counts."""
     fit = fit or FIT
-    efficiency = fit.efficiency[(precision, method)]
+    terms = _step_terms(model, method, precision, instance, par, seq_length, micro_batch_size, global_batch_size,
+                        lora_rank)
+    return _step_seconds(terms, fit.efficiency[(precision, method)], fit.comm_exposed, overlap_data_parallel)
+
+
+@dataclass(frozen=True)
+class _StepTerms:
+    """What ``step_seconds`` computes from the layout alone, before the fitted figures come in: the fit evaluates
+    the same published layouts some 18,000 times, and this part is the same each time."""
+
+    work: float  # FLOPs per micro-batch on one GPU; divided by peak x efficiency, the compute seconds
+    peak: float  # FLOP/s
+    recompute: float
+    slots: float  # micro-batch times per step: (m + (PP - 1) / VP)
+    comm: float  # TP and PP communication seconds per micro-batch, before the exposed share
+    reduce: float  # data-parallel gradient exchange seconds (0 with one data-parallel rank)
+    gather: float  # data-parallel parameter all-gather seconds
+    data_parallel: bool  # more than one rank to exchange with
+
+
+def _step_terms(model: ModelSpec, method: str, precision: str, instance: InstanceType, par: Parallelism,
+                seq_length: int, micro_batch_size: int, global_batch_size: int, lora_rank: int) -> _StepTerms:
     peak = catalog.GPU_PEAK_TFLOPS[instance.gpu_model][precision] * 1e12
     tokens = seq_length * micro_batch_size
     micro_batches = global_batch_size // (micro_batch_size * par.dp)
-    compute = flops_per_token(model, seq_length, method) * tokens / (par.tp * par.pp * par.cp) / (peak * efficiency)
-    compute *= recompute_overhead(par.recompute, method)
+    work = flops_per_token(model, seq_length, method) * tokens / (par.tp * par.pp * par.cp)
     layers = stage_layers(model, par.pp)
     activation = tokens // par.cp * model.hidden * 2  # one 16-bit [s, b, h] tensor of this GPU's sequence share
     comm = 0.0
@@ -678,9 +699,8 @@ def step_seconds(model: ModelSpec, method: str, precision: str, instance: Instan
         # Each micro-batch enters each of the rank's VP chunks forward and backward: 2 x VP sends of the
         # sequence-parallel shard, each way.
         comm += 4 * par.vp * activation / par.tp / _link_bytes_per_second(instance, par.tp * par.cp * par.dp, par.pp)
-    pipeline = (micro_batches + (par.pp - 1) / par.vp) * (compute + fit.comm_exposed * comm)
 
-    exposed = 0.0
+    reduce = gather = 0.0
     ranks = par.dp * par.cp  # the distributed optimizer shards over data x context parallel ranks
     if ranks > 1:
         bandwidth = _link_bytes_per_second(instance, par.tp, ranks)
@@ -692,20 +712,40 @@ def step_seconds(model: ModelSpec, method: str, precision: str, instance: Instan
         else:
             adapters = layers * model.lora_params_per_layer(lora_rank) / par.tp
             reduce, gather = 2 * share * adapters * GRAD_BYTES / bandwidth, 0.0  # all-reduce, no optimizer sharding
+    return _StepTerms(work, peak, recompute_overhead(par.recompute, method), micro_batches + (par.pp - 1) / par.vp,
+                      comm, reduce, gather, ranks > 1)
+
+
+def _step_seconds(terms: _StepTerms, efficiency: float, comm_exposed: float, overlap_data_parallel: bool) -> float:
+    compute = terms.work / (terms.peak * efficiency)
+    compute *= terms.recompute
+    pipeline = terms.slots * (compute + comm_exposed * terms.comm)
+    exposed = 0.0
+    if terms.data_parallel:
         if overlap_data_parallel:
-            exposed = max(0.0, reduce - compute * 2 / 3) + max(0.0, gather - compute / 3)
+            exposed = max(0.0, terms.reduce - compute * 2 / 3) + max(0.0, terms.gather - compute / 3)
         else:
-            exposed = reduce + gather
+            exposed = terms.reduce + terms.gather
     return pipeline + exposed
 
 
-def _published_tokens_per_second(run: PublishedRun, fit: ThroughputFit) -> float:
+@lru_cache(maxsize=None)
+def _published_terms(run: PublishedRun) -> _StepTerms:
     instance = catalog.get(_PUBLISHED_INSTANCE)
     dp = run.gpus // (run.tp * run.pp * run.cp)
     par = Parallelism(run.tp, run.pp, run.cp, dp, max(1, run.gpus // instance.gpus), instance.gpus, run.recompute,
                       run.vp_size)
-    seconds = step_seconds(MODELS[run.model], run.method, run.precision, instance, par, run.seq_length,
-                           run.micro_batch_size, run.global_batch_size, fit, overlap_data_parallel=True)
+    return _step_terms(MODELS[run.model], run.method, run.precision, instance, par, run.seq_length,
+                       run.micro_batch_size, run.global_batch_size, lora_rank=16)
+
+
+def _published_tokens_per_second(run: PublishedRun, fit: ThroughputFit) -> float:
+    return _published_rate(run, _published_terms(run), fit.efficiency[(run.precision, run.method)], fit.comm_exposed)
+
+
+def _published_rate(run: PublishedRun, terms: _StepTerms, efficiency: float, comm_exposed: float) -> float:
+    """``step_seconds`` of the published layout (``terms``), with NVIDIA's data-parallel overlap, as tokens/s/GPU."""
+    seconds = _step_seconds(terms, efficiency, comm_exposed, overlap_data_parallel=True)
     return run.global_batch_size * run.seq_length / seconds / run.gpus
 
 
@@ -719,21 +759,21 @@ def fit_throughput(runs: Sequence[PublishedRun]) -> ThroughputFit:
     missing = [f"{p} {m}" for p in PRECISIONS for m in METHODS if (p, m) not in groups]
     if missing:
         raise ValueError(f"no published measurement to fit for {', '.join(missing)}")
+    layouts = {key: [(r, _published_terms(r)) for r in members] for key, members in groups.items()}
     best: tuple[float, ThroughputFit] | None = None
     for exposed in _COMM_EXPOSED_GRID:
         efficiency: dict[tuple[str, str], float] = {}
         squared = 0.0
-        for key, members in sorted(groups.items()):
+        for key, members in sorted(layouts.items()):
             low, high = 0.05, 1.0
             for _ in range(30):
                 middle = (low + high) / 2
-                trial = ThroughputFit({key: middle}, exposed)
-                errors = [math.log(_published_tokens_per_second(r, trial) / r.tokens_per_sec_per_gpu) for r in members]
+                errors = [math.log(_published_rate(r, t, middle, exposed) / r.tokens_per_sec_per_gpu)
+                          for r, t in members]
                 low, high = (middle, high) if sum(errors) < 0 else (low, middle)
             efficiency[key] = (low + high) / 2
-            final = ThroughputFit({key: efficiency[key]}, exposed)
-            squared += sum(math.log(_published_tokens_per_second(r, final) / r.tokens_per_sec_per_gpu) ** 2
-                           for r in members)
+            squared += sum(math.log(_published_rate(r, t, efficiency[key], exposed) / r.tokens_per_sec_per_gpu) ** 2
+                           for r, t in members)
         if best is None or squared < best[0] - 1e-12:
             best = (squared, ThroughputFit(MappingProxyType(efficiency), exposed))
     assert best is not None

@@ -7,10 +7,11 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pulumi_aws
 import yaml
 
 from tests.conftest import synth_stack
-from tools import synth
+from tools import sdk_modules, synth
 
 # The largest stack: monitoring, the whole pipeline, the vendored operator, a Triton model repository.
 STACK = "prod-405b"
@@ -31,6 +32,17 @@ def test_two_plans_write_the_same_bytes(tmp_path):
     assert {"plan.json", "sizing.json", "graph.mmd"} <= set(first) and folders == {"manifests", "helm", "triton"}
     assert sorted(first) == sorted(second)
     assert [name for name in first if first[name] != second[name]] == []
+
+
+def test_the_cli_writes_what_the_sdks_loaded_as_written_give(tmp_path):
+    """`make plan` loads only the resource modules the program uses (tools/sdk_modules.py); this process loads
+    the SDKs as they are. Same plan, byte for byte."""
+    assert not isinstance(pulumi_aws.ec2, sdk_modules._ServicePackage)
+    cli = plan_in_a_new_process(tmp_path / "cli", "1")
+    target = synth.write(synth_stack(STACK), tmp_path / "here")
+    here = {str(path.relative_to(target)): path.read_bytes() for path in sorted(target.rglob("*")) if path.is_file()}
+    assert sorted(cli) == sorted(here)
+    assert [name for name in cli if cli[name] != here[name]] == []
 
 
 def test_yaml_files_are_the_same_without_libyaml():
