@@ -458,7 +458,8 @@ def test_a_dataset_uploaded_with_tools_data_passes(aws, tmp_path):
     assert data.main(["upload", str(source), "--stack", "dev"]) == 0
     [check] = preflight.check_dataset(s3, stack_config())
     assert check.status == PASS, check
-    assert check.detail.startswith("s3://dev-datasets/default/: 190 training and 10 validation example(s) "
+    # the split holds one global batch of the stack (training.globalBatchSize 128), as --prepare lays it out
+    assert check.detail.startswith("s3://dev-datasets/default/: 72 training and 128 validation example(s) "
                                    "(validation given)")
     assert "against nemo-eks:training.seqLength 4096" in check.detail
 
@@ -466,15 +467,32 @@ def test_a_dataset_uploaded_with_tools_data_passes(aws, tmp_path):
 def test_without_a_validation_file_the_split_is_derived(aws):
     s3 = aws.client("s3")
     bucket = datasets_bucket(s3)
-    s3.put_object(Bucket=bucket, Key="default/train.jsonl", Body=jsonl(40).encode())
+    s3.put_object(Bucket=bucket, Key="default/train.jsonl", Body=jsonl(200).encode())
     [check] = preflight.check_dataset(s3, stack_config())
-    assert check.status == PASS and "38 training and 2 validation example(s) (validation derived" in check.detail
+    assert check.status == PASS and "72 training and 128 validation example(s) (validation derived" in check.detail
+    cfg = stack_config(**{"nemo-eks:training": {"globalBatchSize": 8}})
+    [check] = preflight.check_dataset(s3, cfg)  # 5% of 200 is more than one global batch of 8
+    assert check.status == PASS and "190 training and 10 validation example(s) (validation derived" in check.detail
+
+
+def test_a_validation_file_smaller_than_a_global_batch_fails_as_prepare_would(aws):
+    """finetune.py --prepare refuses it (NeMo would never validate): preflight must not pass it."""
+    s3 = aws.client("s3")
+    bucket = datasets_bucket(s3)
+    s3.put_object(Bucket=bucket, Key="default/train.jsonl", Body=jsonl(200).encode())
+    s3.put_object(Bucket=bucket, Key="default/validation.jsonl", Body=jsonl(19, start=1000).encode())
+    [check] = preflight.check_dataset(s3, stack_config())
+    assert check.status == FAIL
+    assert "19 validation example(s), fewer than one global batch (nemo-eks:training.globalBatchSize = 128)" \
+        in check.detail
+    [check] = preflight.check_dataset(s3, stack_config(**{"nemo-eks:training": {"globalBatchSize": 16}}))
+    assert check.status == PASS and "200 training and 19 validation example(s) (validation given)" in check.detail
 
 
 def test_examples_longer_than_the_sequence_length_warn(aws):
     s3 = aws.client("s3")
     bucket = datasets_bucket(s3)
-    s3.put_object(Bucket=bucket, Key="default/train.jsonl", Body=(jsonl(10) + jsonl(1, start=99, pad=700)).encode())
+    s3.put_object(Bucket=bucket, Key="default/train.jsonl", Body=(jsonl(200) + jsonl(1, start=999, pad=700)).encode())
     cfg = stack_config(**{"nemo-eks:training": {"seqLength": 128}})
     [check] = preflight.check_dataset(s3, cfg)
     assert check.status == WARN
@@ -494,7 +512,7 @@ def test_a_named_bucket_that_does_not_exist_warns(aws):
 def upload_dev_dataset(session, tmp_path):
     datasets_bucket(session.client("s3"))
     source = tmp_path / "all.jsonl"
-    source.write_text(jsonl(100))
+    source.write_text(jsonl(200))  # a validation split of one global batch (128) and training examples besides
     assert data.main(["upload", str(source), "--stack", "dev"]) == 0
 
 

@@ -627,7 +627,7 @@ def check_dataset(s3, cfg, bucket: str | None = None) -> list[Check]:
     from tools import data
 
     dataset_name, stack = cfg.pipeline.dataset, cfg.stack
-    seq_length = cfg.sizing.request.seq_length
+    seq_length, global_batch_size = cfg.sizing.request.seq_length, cfg.sizing.request.global_batch_size
     check = f"dataset {dataset_name}"
     upload = f"`python -m tools.data upload FILE --stack {stack}`"
     if bucket is None:
@@ -667,8 +667,10 @@ def check_dataset(s3, cfg, bucket: str | None = None) -> list[Check]:
                           + ("" if cfg.pipeline.enabled else " (needed once nemo-eks:pipeline.enabled is true)"), fix)]
         size = sum(os.path.getsize(p) for p in paths.values())
         try:
+            # the same checks as finetune.py --prepare, one global batch of validation examples included
             train, validation, reports = dataset.load_dataset(paths[dataset.TRAIN_FILE],
-                                                              paths.get(dataset.VALIDATION_FILE), seq_length)
+                                                              paths.get(dataset.VALIDATION_FILE), seq_length,
+                                                              global_batch_size)
         except dataset.DatasetError as error:
             lines = str(error).replace(f"{tmp}/", f"s3://{bucket}/").splitlines()
             shown = "; ".join(line.strip() for line in lines[:REPORT_LINES])
