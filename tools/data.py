@@ -10,7 +10,9 @@ FSx shows the training pods at ``/fsx/datasets/<dataset>/``.
 
 The bucket is found by its tags (``project=nemo-eks``, ``stack=<stack>``, ``nemo-eks/data=datasets``) unless
 ``--bucket`` names it. The dataset name and sequence length default to the stack file's (``data.dataset``,
-``training.seqLength``) so the upload lands where that stack's run reads. AWS credentials and region come from
+``training.seqLength``) so the upload lands where that stack's run reads. With ``--stack`` the validation set must
+hold one global batch (``training.globalBatchSize``), as ``finetune.py --prepare`` requires: a derived split takes
+that many, a smaller ``--validation`` file is refused. AWS credentials and region come from
 the usual environment (AWS_PROFILE, AWS_REGION, AWS_ENDPOINT_URL, ...).
 """
 
@@ -57,8 +59,8 @@ def stack_name(stack: str) -> str:
 
 
 def stack_defaults(stack: str | None) -> StackDefaults:
-    """The dataset name and sequence length the stack's run will use, from its stack file (which must exist and
-    be valid: a typo in --stack would otherwise upload where no run reads)."""
+    """The dataset name, sequence length and global batch size the stack's run will use, from its stack file
+    (which must exist and be valid: a typo in --stack would otherwise upload where no run reads)."""
     if not stack:
         return StackDefaults()
     from infra import config
@@ -219,7 +221,8 @@ def main(argv: list[str] | None = None) -> int:
     validate.add_argument("file")
     validate.add_argument("--validation", help="a separate validation file (checked for overlap with FILE)")
     validate.add_argument("--seq-length", type=positive_integer, help="sequence length to estimate against")
-    validate.add_argument("--stack", help="take the sequence length from this stack's file (a name or a path)")
+    validate.add_argument("--stack", help="take the sequence length and global batch size from this stack's file "
+                                          "(a name or a path)")
     validate.set_defaults(handler=cmd_validate)
     upload = sub.add_parser("upload", help="validate, split and upload to the stack's datasets bucket")
     upload.add_argument("file")
