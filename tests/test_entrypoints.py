@@ -61,6 +61,12 @@ def test_run_schema_matches_the_generator():
     assert layout.RUN_SCHEMA == runconfig.SCHEMA_VERSION
 
 
+def test_the_global_batch_key_the_dataset_errors_name_is_a_stack_key():
+    """dataset.py cannot import infra.config in the pod: its error messages spell the key out."""
+    key = dataset.GLOBAL_BATCH_KEY.removeprefix(f"{config.PROJECT}:")
+    assert key == "training.globalBatchSize" and key in {k.path for k in config.KEYS}
+
+
 def test_load_run_refuses_another_schema(tmp_path):
     path = tmp_path / "run.json"
     path.write_text(json.dumps({"schema": 99}))

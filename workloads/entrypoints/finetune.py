@@ -33,7 +33,10 @@ import dataset  # noqa: E402
 import layout  # noqa: E402
 import training_metrics  # noqa: E402
 
-BASE_TOKENIZER_DIR = "nemo_tokenizer"  # where import_ckpt's context keeps the tokenizer's files
+# Where import_ckpt's context keeps the tokenizer's files: the importer saves them to /tmp/nemo_tokenizer
+# (ModelConnector.save_hf_tokenizer_assets, nemo/lightning/io/connector.py) and the context copies a directory
+# artifact under its own name (DirArtifact.dump, nemo/lightning/io/artifact/file.py; nemo_toolkit 2.7.3).
+BASE_TOKENIZER_DIR = "nemo_tokenizer"
 LOG_NAME = "finetune"  # stable: AutoResume finds <nemo_log_dir>/finetune/checkpoints after a pod restart
 SEED = 1234
 # Llama was pretrained with BOS; NeMo's SFT dataset defaults to add_bos=False. Training with it keeps the
