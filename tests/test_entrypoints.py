@@ -128,6 +128,9 @@ def test_a_derived_validation_set_holds_one_global_batch():
     assert len(dataset.split(examples(4000), minimum=32)[1]) == 200  # 5% is more than one batch already
     with pytest.raises(dataset.DatasetError, match=r"globalBatchSize = 32\).*lower"):
         dataset.split(examples(32), minimum=32)
+    # a global batch above MAX_VALIDATION_EXAMPLES still gets one whole batch: the cap must not empty validation
+    big = dataset.MAX_VALIDATION_EXAMPLES + 200
+    assert len(dataset.split(examples(3 * big), minimum=big)[1]) == big
 
 
 def test_a_given_validation_set_smaller_than_a_global_batch_is_refused(tmp_path):

@@ -227,10 +227,12 @@ def split(records: list[dict[str, Any]], fraction: float = VALIDATION_FRACTION,
 def check_validation_size(validation: list[dict[str, Any]], global_batch_size: int, source: str) -> None:
     """NeMo validates in whole global batches and drops an incomplete one (MegatronDataSampler builds its
     validation sampler with ``drop_last=mode not in ["test", "predict"]``,
-    nemo/lightning/pytorch/plugins/data_sampler.py, nemo 2.7.3): fewer examples than one global batch and
-    validation never runs, no ``val_loss`` is logged, and the checkpoints that keep the best ``val_loss`` are
-    never written. Seen on a GPU: 19 validation examples at global batch 32 trained 100 steps without one
-    validation (docs/gpu-run.md)."""
+    nemo/lightning/pytorch/plugins/data_sampler.py, and with drop_last the sampler's length counts whole global
+    batches only, ``total_samples // global_batch_size``, BaseMegatronSampler.__len__ in nemo/lightning/data.py;
+    nemo 2.7.3): fewer examples than one global batch and the validation loader is empty, validation never
+    runs, no ``val_loss`` is logged, and the checkpoints that keep the best ``val_loss`` are never written.
+    Seen on a GPU: 19 validation examples at global batch 32 trained 100 steps without one validation
+    (docs/gpu-run.md)."""
     if len(validation) < global_batch_size:
         raise DatasetError(
             f"{source}: {len(validation)} validation example(s), fewer than one global batch "
