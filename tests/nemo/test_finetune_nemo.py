@@ -3,9 +3,10 @@
 Runs in .venv-nemo via tests/nemo/run.sh, which writes the run.json of every stack file and of the planner shapes
 of tests/nemo/write_runs.py into NEMO_EKS_RUNS_DIR with the main environment (the config code needs Pulumi-side
 packages this environment does not have). Nothing trains. The configuration is built with fiddle exactly as
-``nemo_run.run(recipe, direct=True)`` builds it in the pod, with two test-only overrides because the test
-environment has neither a GPU nor Transformer Engine: the trainer's accelerator (cpu) and
-``apply_rope_fusion=False`` (Megatron's config rejects the fused RoPE without TE). Then what ``llm.finetune`` does
+``nemo_run.run(recipe, direct=True)`` builds it in the pod, with three test-only overrides because the test
+environment has neither a GPU nor Transformer Engine nor the imported base on FSx: the trainer's accelerator (cpu),
+``apply_rope_fusion=False`` (Megatron's config rejects the fused RoPE without TE) and no tokenizer (the pods load
+it from the imported base; a test below checks where). Then what ``llm.finetune`` does
 before ``trainer.fit`` runs with NeMo's and Megatron-Core's own code: ``_validate_config``, the optimizer's and
 the strategy's ``connect``, and the optimizer construction, as far as a CPU goes.
 """
