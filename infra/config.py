@@ -128,7 +128,7 @@ KEYS: tuple[Key, ...] = (
     Key("training.seqLength", "integer", 4096, "128..the model's maximum", "Training sequence length (tokens)."),
     Key("training.microBatchSize", "integer", 1, "1..64", "Sequences per GPU per step."),
     Key("training.globalBatchSize", "integer", 128, "a multiple of microBatchSize x data-parallel size", "Sequences per optimizer step."),
-    Key("training.loraRank", "integer", 16, "1..512", "LoRA rank (method lora)."),
+    Key("training.loraRank", "integer", sizing.DEFAULT_LORA_RANK, "1..512", "LoRA rank (method lora)."),
     Key("training.datasetTokens", "integer", None, ">= 1", "Training-set size in tokens: sizes FSx and gives time and cost to train."),
     Key("training.epochs", "number", 1, "> 0", "Passes over the training set."),
     Key("training.nodes", "integer", Derived("planned"), f"1..{sizing.MAX_NODES}, a count that fits", "Fix the number of training nodes; unset lets the planner choose the fewest that fit."),

@@ -302,6 +302,12 @@ MAX_NODES = 64
 # Requests and plans
 
 
+# The stack config's default (training.loraRank) and the planner's. Published LoRA runs are modelled at this rank
+# too: at rank 16 the adapters are at most 0.5% of the parameters of any model in MODELS (Llama-2-7B's share is the
+# largest), so the rank hardly moves a LoRA step's estimate.
+DEFAULT_LORA_RANK = 16
+
+
 @dataclass(frozen=True)
 class TrainingRequest:
     model: ModelSpec
@@ -311,7 +317,7 @@ class TrainingRequest:
     seq_length: int = 4096
     micro_batch_size: int = 1
     global_batch_size: int = 128
-    lora_rank: int = 16
+    lora_rank: int = DEFAULT_LORA_RANK
     dataset_tokens: int | None = None
     epochs: float = 1.0
     nodes: int | None = None
@@ -650,7 +656,7 @@ def _link_bytes_per_second(instance: InstanceType, ranks_apart: int, group_size:
 
 def step_seconds(model: ModelSpec, method: str, precision: str, instance: InstanceType, par: Parallelism,
                  seq_length: int, micro_batch_size: int, global_batch_size: int, fit: ThroughputFit | None = None,
-                 lora_rank: int = 16, overlap_data_parallel: bool = False) -> float:
+                 lora_rank: int = DEFAULT_LORA_RANK, overlap_data_parallel: bool = False) -> float:
     """Estimated seconds per global batch of this layout. Per micro-batch and GPU: the model FLOPs of its share
     (1 / TP x PP x CP) at the fitted GEMM efficiency, times the recompute cost; plus the exposed share of the
     tensor-parallel collectives on NVLink and of the pipeline sends. A 1F1B step is (m + (PP - 1) / VP)
@@ -736,7 +742,7 @@ def _published_terms(run: PublishedRun) -> _StepTerms:
     par = Parallelism(run.tp, run.pp, run.cp, dp, max(1, run.gpus // instance.gpus), instance.gpus, run.recompute,
                       run.vp_size)
     return _step_terms(MODELS[run.model], run.method, run.precision, instance, par, run.seq_length,
-                       run.micro_batch_size, run.global_batch_size, lora_rank=16)
+                       run.micro_batch_size, run.global_batch_size, lora_rank=DEFAULT_LORA_RANK)
 
 
 def _published_tokens_per_second(run: PublishedRun, fit: ThroughputFit) -> float:
@@ -1386,7 +1392,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seq-length", type=int, default=4096)
     parser.add_argument("--micro-batch", type=int, default=1)
     parser.add_argument("--global-batch", type=int, default=128)
-    parser.add_argument("--lora-rank", type=int, default=16)
+    parser.add_argument("--lora-rank", type=int, default=DEFAULT_LORA_RANK)
     parser.add_argument("--dataset-tokens", type=int)
     parser.add_argument("--epochs", type=float, default=1.0)
     parser.add_argument("--nodes", type=int)
