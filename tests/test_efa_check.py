@@ -69,10 +69,16 @@ def test_missing_fi_info_means_the_image_has_no_efa_software():
     assert code == 127 and "images/training/Dockerfile" in problem.fix
 
 
+def _fake_devices(directory: Path, count: int) -> str:
+    """``count`` EFA device nodes in ``directory``; the glob that finds them."""
+    directory.mkdir(exist_ok=True)
+    for index in range(count):
+        (directory / f"uverbs{index}").touch()
+    return str(directory / "uverbs*")
+
+
 def test_device_count_must_equal_the_request(tmp_path):
-    for index in range(3):
-        (tmp_path / f"uverbs{index}").touch()
-    found = efa_check.count_devices(str(tmp_path / "uverbs*"))
+    found = efa_check.count_devices(_fake_devices(tmp_path, 3))
     assert found == 3 and efa_check.check_devices(found, 3) == []
     [problem] = efa_check.check_devices(found, 4)
     assert "sees 3 EFA devices" in problem.cause and "device plugin" in problem.fix
@@ -204,12 +210,9 @@ def _fake_fi_info(tmp_path: Path, output: str, code: int) -> str:
 def test_a_failed_check_exits_at_once_and_writes_the_failure_marker(tmp_path, capsys):
     config_path = training_run(tmp_path)
     run = layout.load_run(config_path)
-    devices = tmp_path / "dev"
-    devices.mkdir()
-    for index in range(32):
-        (devices / f"uverbs{index}").touch()
     argv = ["--config", config_path, "--efa-devices", "32", "--fi-info",
-            _fake_fi_info(tmp_path, fixture("fi_info_no_device.txt"), 1), "--device-glob", str(devices / "uverbs*")]
+            _fake_fi_info(tmp_path, fixture("fi_info_no_device.txt"), 1),
+            "--device-glob", _fake_devices(tmp_path / "dev", 32)]
     code = efa_check.main(argv, environ={"NCCL_NET_PLUGIN": str(tmp_path / "missing.so"), "NCCL_NET": "Libfabric",
                                          "HOSTNAME": "train-0"})
     assert code == 1
@@ -222,12 +225,8 @@ def test_a_failed_check_exits_at_once_and_writes_the_failure_marker(tmp_path, ca
 def test_a_passing_check_writes_no_marker(tmp_path, libraries):
     config_path = training_run(tmp_path)
     run = layout.load_run(config_path)
-    devices = tmp_path / "dev"
-    devices.mkdir()
-    for index in range(4):
-        (devices / f"uverbs{index}").touch()
     argv = ["--config", config_path, "--efa-devices", "4", "--fi-info",
-            _fake_fi_info(tmp_path, fixture("fi_info_p4d.txt"), 0), "--device-glob", str(devices / "uverbs*")]
+            _fake_fi_info(tmp_path, fixture("fi_info_p4d.txt"), 0), "--device-glob", _fake_devices(tmp_path / "dev", 4)]
     plugin = str(libraries / "libnotplugin.so")  # loads, but: not a plugin
     assert efa_check.main(argv, environ={"NCCL_NET_PLUGIN": plugin, "NCCL_NET": "Libfabric"}) == 1
     os.remove(layout.failure_marker(run["paths"]["training_marker"]))
