@@ -1,70 +1,144 @@
-"""Load a provider SDK's resource modules when the program first uses them, not a whole service at once.
+"""How ``make plan`` loads the provider SDKs: only the resource modules the program uses, with the annotations
+that only type checkers read left unevaluated. Only ``python -m tools.synth`` installs it: ``pulumi up`` and the
+tests' own processes load the SDKs as they are, and tests/test_plan_output.py compares the plan written each way
+byte for byte.
 
-The provider SDKs load a service lazily (``pulumi_aws/__init__.py``: ``ec2 = _utilities.lazy_import(...)``), but
-the service's own ``__init__.py`` then imports every module it has (``from .vpc import *``, one line per
-resource, then ``from ._inputs import *`` and ``from . import outputs``). The program (with pulumi_eks) uses 17
-of the 183 modules of ``pulumi_aws.ec2``; Python cannot import ``pulumi_aws.ec2.vpc`` without running that
-``__init__.py`` first, so loading the rest took a fifth of ``make plan STACK=prod-405b`` (2.4 s -> 1.85 s, median
-of 6 on the 2-core machine).
+**Only the modules used.** The provider SDKs load a service lazily (``pulumi_aws/__init__.py``:
+``ec2 = _utilities.lazy_import(...)``), but the service's own ``__init__.py`` then imports every module it has
+(``from .vpc import *``, one line per resource, then ``from ._inputs import *`` and ``from . import outputs``). The
+program (with pulumi_eks) uses 17 of the 183 modules of ``pulumi_aws.ec2``; Python cannot import
+``pulumi_aws.ec2.vpc`` without running that ``__init__.py`` first, so loading the rest took a fifth of
+``make plan STACK=prod-405b`` (2.4 s -> 1.85 s, median of 6 on the 2-core machine). A service package whose
+``__init__.py`` is nothing but those imports (and the ``if typing.TYPE_CHECKING: ... else: v1 =
+_utilities.lazy_import(...)`` blocks of pulumi_kubernetes' API groups) gets a module-level ``__getattr__``
+(PEP 562) instead: the first use of a name imports the one module that binds it, later lines of ``__init__.py``
+winning as they do with ``import *``. What a module binds under ``import *`` is its ``__all__``, or, without one,
+every public name its top-level statements bind (pulumi_kubernetes ``helm/v3/helm.py``), read from the source
+without running it. A package holding any other statement, or importing a module whose top level does
+anything else, loads as the SDK wrote it.
 
-``install()`` puts a finder in front of the path finder for the service packages of ``pulumi_aws`` and
-``pulumi_kubernetes`` whose ``__init__.py`` is nothing but those imports. Such a package gets a module-level
-``__getattr__`` (PEP 562) instead: the first use of a name imports the one module that exports it, as the
-``__all__`` of that module declares, later lines of ``__init__.py`` winning as they do with ``import *``. The
-classes, their modules and what a resource registers are the SDK's own; only the unused modules are never run.
-A package whose ``__init__.py`` holds anything else, or imports a module without ``__all__`` (``import *`` would
-bind every public name it has), loads as the SDK wrote it: of those the program uses, ``pulumi_kubernetes.helm.v3``
-(its ``helm.py``) and the packages of API versions (``pulumi_kubernetes.core``, already lazy).
+**Annotations left as text.** The generated modules annotate every parameter and property, and declare a
+``TypedDict`` twin (``VpcArgsDict``) of every input type: evaluating those annotations (``Optional[Input[...]]``
+builds typing objects) was half of what importing a service's ``_inputs`` module cost, for thousands of classes
+of which the program uses a few hundred. The plan compiles the SDKs' modules as if each began with
+``from __future__ import annotations`` (PEP 563), so an annotation stays a string until something asks for it:
+the runtime evaluates the property getters' return annotations of the classes a registration serialises
+(``pulumi/_types.py`` ``_raw_return_hints``, pulumi 3.272, with ``typing.get_type_hints``, which reads strings the
+same way), and nothing at runtime reads the others. The ``TypedDict`` twins lose their field annotations, which
+``TypedDict`` would otherwise compile one by one into forward references: only type checkers read those fields
+(the runtime only asks ``typing.is_typeddict`` of a union member, ``pulumi/_types.py`` ``_is_plumbing_arg`` and
+``_wire_matches``). Together, 1.79 s -> 1.63 s for the largest stack (median of 10, 2-core machine).
 
-Only ``python -m tools.synth`` installs it: ``pulumi up`` and the tests' own processes load the SDKs as they are,
-and tests/test_plan_output.py compares the plan written each way byte for byte.
+The compiled code of each module is cached next to the SDK's own bytecode, as ``<module>.cpython-311.opt-<tag>.pyc``
+(``importlib.util.cache_from_source``), checked against the source's modification time and size as Python checks
+its own; it is written even under ``PYTHONDONTWRITEBYTECODE``, since without it every plan would parse and
+compile the SDKs again (some 3 s).
 """
 
 from __future__ import annotations
+
+import __future__
 
 import ast
 import importlib
 import importlib.abc
 import importlib.machinery
+import importlib.util
+import marshal
+import os
 import re
 import sys
 import types
 from pathlib import Path
 from typing import Any
 
+# Service packages loaded lazily; modules compiled with their annotations as text (pulumi_eks too).
 PACKAGES = ("pulumi_aws", "pulumi_kubernetes")
+ANNOTATION_PACKAGES = (*PACKAGES, "pulumi_eks")
 
-# The statements a generated service __init__.py is made of (pulumi-language-python's and pulumigen's output,
-# e.g. pulumi_aws 7.51.1 ec2/__init__.py, pulumi_kubernetes 4.34.2 core/v1/__init__.py).
-_HEADER = re.compile(r"import builtins as _builtins|import typing|from \.+ import _utilities")
-_STAR = re.compile(r"from \.(\w+) import \*")
-_SUBMODULE = re.compile(r"from \. import (\w+)")
+# The statements of a generated service __init__.py besides the imports of its modules (pulumi-language-python's
+# and pulumigen's output, e.g. pulumi_aws 7.51.1 ec2/__init__.py, pulumi_kubernetes 4.34.2 core/__init__.py).
+_HEADER_IMPORTS = {"builtins", "typing"}
 
 
 def exports(package_dir: Path) -> dict[str, str | None] | None:
-    """Name -> the module of ``package_dir`` that exports it (``None``: the name is a submodule), as the package's
+    """Name -> the module of ``package_dir`` that binds it (``None``: the name is a submodule), as the package's
     ``__init__.py`` would bind them; ``None`` if that file holds any other statement."""
     names: dict[str, str | None] = {}
-    for line in (package_dir / "__init__.py").read_text(encoding="utf-8").splitlines():
-        line = line.strip()
-        if not line or line.startswith("#") or _HEADER.fullmatch(line):
+    tree = ast.parse((package_dir / "__init__.py").read_bytes())
+    for statement in tree.body:
+        if _is_header(statement):
             continue
-        if star := _STAR.fullmatch(line):
-            module_names = _declared_all(package_dir / f"{star.group(1)}.py")
+        if isinstance(statement, ast.ImportFrom) and statement.level == 1 and statement.module:
+            if [alias.name for alias in statement.names] != ["*"]:
+                return None
+            module_names = public_names(package_dir / f"{statement.module}.py")
             if module_names is None:
                 return None
-            names.update(dict.fromkeys(module_names, star.group(1)))
-        elif submodule := _SUBMODULE.fullmatch(line):
-            names[submodule.group(1)] = None
+            names.update(dict.fromkeys(module_names, statement.module))
+        elif isinstance(statement, ast.ImportFrom) and statement.level == 1 and not statement.module:
+            if any(alias.asname for alias in statement.names):
+                return None
+            names.update(dict.fromkeys((alias.name for alias in statement.names), None))
+        elif (submodule := _lazy_submodule(statement)) and _is_submodule(package_dir, submodule):
+            names[submodule] = None
         else:
             return None
     return names
 
 
-def _declared_all(path: Path) -> list[str] | None:
-    """The literal ``__all__ = [...]`` of a generated module (near its top), read without running the module."""
+def _is_header(statement: ast.stmt) -> bool:
+    if isinstance(statement, ast.Import):
+        return all(alias.name in _HEADER_IMPORTS for alias in statement.names)
+    if isinstance(statement, ast.ImportFrom):  # from .. import _utilities
+        return statement.level > 0 and not statement.module and [a.name for a in statement.names] == ["_utilities"]
+    return isinstance(statement, ast.Expr) and isinstance(statement.value, ast.Constant)  # a docstring
+
+
+def _lazy_submodule(statement: ast.stmt) -> str | None:
+    """``v1`` for pulumi_kubernetes' ``if typing.TYPE_CHECKING: import ...v1 as __v1; v1 = __v1`` ``else:
+    v1 = _utilities.lazy_import('....v1')``: the name is bound to the submodule either way."""
+    if not (isinstance(statement, ast.If) and ast.unparse(statement.test) == "typing.TYPE_CHECKING"
+            and len(statement.orelse) == 1 and isinstance(assign := statement.orelse[0], ast.Assign)):
+        return None
+    value = assign.value
+    if (len(assign.targets) == 1 and isinstance(target := assign.targets[0], ast.Name)
+            and isinstance(value, ast.Call) and ast.unparse(value.func) == "_utilities.lazy_import"
+            and len(value.args) == 1 and isinstance(value.args[0], ast.Constant)
+            and str(value.args[0].value).endswith(f".{target.id}")):
+        return target.id
+    return None
+
+
+def public_names(path: Path) -> list[str] | None:
+    """The names ``from <module> import *`` binds: its literal ``__all__`` (near its top, read without parsing the
+    whole file), else the public names its top-level statements bind; ``None`` if it does anything else there."""
     if not path.is_file():
         return None
+    declared = _declared_all(path)
+    if declared is not None:
+        return declared
+    names: list[str] = []
+    for statement in ast.parse(path.read_bytes()).body:
+        if isinstance(statement, ast.Import):
+            names += [alias.asname or alias.name.partition(".")[0] for alias in statement.names]
+        elif isinstance(statement, ast.ImportFrom):
+            if any(alias.name == "*" for alias in statement.names):
+                return None
+            names += [alias.asname or alias.name for alias in statement.names]
+        elif isinstance(statement, (ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)):
+            names.append(statement.name)
+        elif isinstance(statement, ast.Assign) and all(isinstance(t, ast.Name) for t in statement.targets):
+            names += [t.id for t in statement.targets]  # type: ignore[attr-defined]
+        elif isinstance(statement, ast.AnnAssign) and isinstance(statement.target, ast.Name) and statement.value:
+            names.append(statement.target.id)
+        elif not (isinstance(statement, ast.Expr) and isinstance(statement.value, ast.Constant)):
+            return None
+    return list(dict.fromkeys(n for n in names if not n.startswith("_")))
+
+
+def _declared_all(path: Path) -> list[str] | None:
+    """The literal ``__all__ = [...]`` of a generated module (near its top), read without running the module."""
     lines: list[str] = []
     with path.open(encoding="utf-8") as stream:
         for line in stream:
@@ -139,18 +213,80 @@ class _ServiceLoader(importlib.abc.Loader):
         module.__class__ = _ServicePackage
 
 
-class _ServiceFinder(importlib.abc.MetaPathFinder):
+# --------------------------------------------------------------------------------------------------
+# Annotations as text
+
+# Part of the cache file's name: a change to what the compiled code is made of must change it.
+CACHE_TAG = "plan1"
+_ANNOTATIONS_AS_TEXT = __future__.annotations.compiler_flag
+
+
+def compile_module(source: bytes, path: str) -> types.CodeType:
+    """The module's code with every annotation kept as text and the ``TypedDict`` classes of its top level
+    without their field annotations (their docstrings stay: a class keeps a body)."""
+    if b"TypedDict" not in source:
+        return compile(source, path, "exec", flags=_ANNOTATIONS_AS_TEXT, dont_inherit=True)
+    tree = ast.parse(source, path)
+    for statement in tree.body:
+        if isinstance(statement, ast.ClassDef) and any(_names_typed_dict(base) for base in statement.bases):
+            statement.body = ([s for s in statement.body if not isinstance(s, ast.AnnAssign)]
+                              or [ast.copy_location(ast.Pass(), statement)])
+    return compile(tree, path, "exec", flags=_ANNOTATIONS_AS_TEXT, dont_inherit=True)
+
+
+def _names_typed_dict(base: ast.expr) -> bool:
+    return (isinstance(base, ast.Name) and base.id == "TypedDict") or (
+        isinstance(base, ast.Attribute) and base.attr == "TypedDict")
+
+
+def _cache_header(source_path: str) -> bytes:
+    """What Python's own .pyc header holds (PEP 552, timestamp-based): magic number, flags, source mtime, size."""
+    stat = os.stat(source_path)
+    return b"".join((importlib.util.MAGIC_NUMBER, (0).to_bytes(4, "little"),
+                     (int(stat.st_mtime) & 0xFFFFFFFF).to_bytes(4, "little"),
+                     (stat.st_size & 0xFFFFFFFF).to_bytes(4, "little")))
+
+
+class _AnnotationsAsTextLoader(importlib.machinery.SourceFileLoader):
+    """A source module of the SDKs, compiled by ``compile_module`` and cached under its own name."""
+
+    def get_code(self, fullname: str) -> types.CodeType:
+        source_path = self.get_filename(fullname)
+        cache_path = importlib.util.cache_from_source(source_path, optimization=CACHE_TAG)
+        header = _cache_header(source_path)
+        try:
+            with open(cache_path, "rb") as stream:
+                cached = stream.read()
+            if cached[:len(header)] == header:
+                return marshal.loads(cached[len(header):])
+        except (OSError, EOFError, ValueError, TypeError):
+            pass  # absent, unreadable or stale: compiled again below
+        code = compile_module(self.get_data(source_path), source_path)
+        temporary = f"{cache_path}.{os.getpid()}.tmp"
+        try:
+            os.makedirs(os.path.dirname(cache_path), exist_ok=True)
+            with open(temporary, "wb") as stream:
+                stream.write(header + marshal.dumps(code))
+            os.replace(temporary, cache_path)  # whole or not at all, should two plans run at once
+        except OSError:
+            pass  # a read-only install: compiled on every run, still correct
+        return code
+
+
+class _SdkFinder(importlib.abc.MetaPathFinder):
     def find_spec(self, fullname: str, path, target=None):
-        if fullname.partition(".")[0] not in PACKAGES or "." not in fullname:
+        if fullname.partition(".")[0] not in ANNOTATION_PACKAGES:
             return None
         spec = importlib.machinery.PathFinder.find_spec(fullname, path)
-        if spec is None or not spec.submodule_search_locations or not spec.origin or spec.loader is None:
-            return None
-        spec.loader = _ServiceLoader(spec.loader, Path(spec.origin).parent)
+        if spec is None or not isinstance(spec.loader, importlib.machinery.SourceFileLoader):
+            return spec
+        spec.loader = _AnnotationsAsTextLoader(spec.loader.name, spec.loader.path)
+        if "." in fullname and fullname.partition(".")[0] in PACKAGES and spec.submodule_search_locations:
+            spec.loader = _ServiceLoader(spec.loader, Path(spec.origin).parent)
         return spec
 
 
 def install() -> None:
-    """Load the service packages lazily from now on in this process (once; before the program imports them)."""
-    if not any(isinstance(finder, _ServiceFinder) for finder in sys.meta_path):
-        sys.meta_path.insert(0, _ServiceFinder())
+    """Load the SDKs this way from now on in this process (once; before the program imports them)."""
+    if not any(isinstance(finder, _SdkFinder) for finder in sys.meta_path):
+        sys.meta_path.insert(0, _SdkFinder())

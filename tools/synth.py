@@ -483,8 +483,8 @@ def run_cli() -> int:
     during the run and the one at exit took half of the plan's time (measured with ``gc.callbacks``; peak
     memory is the same without them). Reference counting still frees everything that is not in a cycle;
     ``gc.freeze`` keeps the exit from walking what the process is about to hand back to the system
-    (https://docs.python.org/3/library/gc.html#gc.freeze). The SDKs' service packages load only the resource
-    modules the program uses (``tools/sdk_modules.py``)."""
+    (https://docs.python.org/3/library/gc.html#gc.freeze). The SDKs load only the resource modules the program
+    uses, with the annotations only type checkers read left as text (``tools/sdk_modules.py``)."""
     gc.disable()
     sdk_modules.install()
     try:
