@@ -86,3 +86,38 @@ def test_graph_edges_in_one_order():
     # Grouped by the dependent resource, in the plan's order; each group's dependencies in the plan's order.
     keys = [(order[target.strip()], order[source.strip()]) for source, target in edges]
     assert keys == sorted(keys)
+
+
+def test_vendored_manifests_are_written_from_the_cache_as_they_would_be_rendered(tmp_path, monkeypatch):
+    """The rendered operator manifests a plan keeps in build/.cache are what rendering them gives, from a cold
+    cache and from a warm one, and a warm cache is read without parsing the file."""
+    monkeypatch.setattr(synth, "CACHE_DIR", tmp_path)
+    s = synth_stack(STACK)
+    expected = [(synth._manifest_head(obj), synth.dump_yaml(obj)) for obj in s.manifests()]
+    assert s.vendored_files() and len(expected) > len(s.declared_manifests())
+    filenames = [synth.manifest_filename(i, obj) for i, obj in enumerate(s.manifests())]
+    assert s.rendered_manifests() == expected  # cold: rendered and stored
+    assert len(list(tmp_path.glob("*.json"))) == len(s.vendored_files())
+
+    def no_parsing(path):
+        raise AssertionError(f"{path} parsed again")
+
+    monkeypatch.setattr(synth, "_vendored_documents", no_parsing)
+    assert s.rendered_manifests() == expected  # warm
+    assert [synth.manifest_filename(i, head) for i, (head, _) in enumerate(expected)] == filenames
+
+
+def test_a_changed_vendored_file_is_rendered_again(tmp_path, monkeypatch):
+    (tmp_path / "vendor").mkdir()
+    manifest = tmp_path / "vendor" / "operator.yaml"
+    manifest.write_text("apiVersion: v1\nkind: Namespace\nmetadata:\n  name: first\n")
+    monkeypatch.setattr(synth, "ROOT", tmp_path)
+    monkeypatch.setattr(synth, "CACHE_DIR", tmp_path / "cache")
+    [(head, text)] = synth.rendered_vendored("vendor/operator.yaml")
+    assert head == {"kind": "Namespace", "metadata": {"name": "first"}} and "name: first" in text
+    synth._vendored_documents.cache_clear()
+    manifest.write_text("apiVersion: v1\nkind: Namespace\nmetadata:\n  name: second\n")
+    [(head, text)] = synth.rendered_vendored("vendor/operator.yaml")
+    assert head["metadata"]["name"] == "second" and "name: second" in text
+    assert len(list((tmp_path / "cache").glob("operator.yaml.*.json"))) == 2
+    synth._vendored_documents.cache_clear()

@@ -29,10 +29,10 @@ same way), and nothing at runtime reads the others. The ``TypedDict`` twins lose
 (the runtime only asks ``typing.is_typeddict`` of a union member, ``pulumi/_types.py`` ``_is_plumbing_arg`` and
 ``_wire_matches``). Together, 1.79 s -> 1.63 s for the largest stack (median of 10, 2-core machine).
 
-The compiled code of each module is cached next to the SDK's own bytecode, as ``<module>.cpython-311.opt-<tag>.pyc``
-(``importlib.util.cache_from_source``), checked against the source's modification time and size as Python checks
-its own; it is written even under ``PYTHONDONTWRITEBYTECODE``, since without it every plan would parse and
-compile the SDKs again (some 3 s).
+The compiled code of each module, and the index of each service package, are cached next to the SDK's own
+bytecode, as ``<module>.cpython-311.opt-<tag>.pyc`` (``importlib.util.cache_from_source``), checked against the
+modification time and size of the sources they were made from, as Python checks its own; they are written even
+under ``PYTHONDONTWRITEBYTECODE``, since without them every plan would parse and compile the SDKs again (some 3 s).
 """
 
 from __future__ import annotations
@@ -50,11 +50,13 @@ import re
 import sys
 import types
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 # Service packages loaded lazily; modules compiled with their annotations as text (pulumi_eks too).
 PACKAGES = ("pulumi_aws", "pulumi_kubernetes")
 ANNOTATION_PACKAGES = (*PACKAGES, "pulumi_eks")
+# Part of the cache files' names: a change to what the compiled code or the index is made of must change it.
+CACHE_TAG = "plan1"
 
 # The statements of a generated service __init__.py besides the imports of its modules (pulumi-language-python's
 # and pulumigen's output, e.g. pulumi_aws 7.51.1 ec2/__init__.py, pulumi_kubernetes 4.34.2 core/__init__.py).
@@ -64,27 +66,35 @@ _HEADER_IMPORTS = {"builtins", "typing"}
 def exports(package_dir: Path) -> dict[str, str | None] | None:
     """Name -> the module of ``package_dir`` that binds it (``None``: the name is a submodule), as the package's
     ``__init__.py`` would bind them; ``None`` if that file holds any other statement."""
+    return _index(package_dir)[0]
+
+
+def _index(package_dir: Path) -> tuple[dict[str, str | None] | None, list[str]]:
+    """``exports`` and the files it read."""
+    init = package_dir / "__init__.py"
     names: dict[str, str | None] = {}
-    tree = ast.parse((package_dir / "__init__.py").read_bytes())
-    for statement in tree.body:
+    sources = [str(init)]
+    for statement in ast.parse(init.read_bytes()).body:
         if _is_header(statement):
             continue
         if isinstance(statement, ast.ImportFrom) and statement.level == 1 and statement.module:
             if [alias.name for alias in statement.names] != ["*"]:
-                return None
-            module_names = public_names(package_dir / f"{statement.module}.py")
+                return None, sources
+            module = package_dir / f"{statement.module}.py"
+            sources.append(str(module))
+            module_names = public_names(module)
             if module_names is None:
-                return None
+                return None, sources
             names.update(dict.fromkeys(module_names, statement.module))
         elif isinstance(statement, ast.ImportFrom) and statement.level == 1 and not statement.module:
             if any(alias.asname for alias in statement.names):
-                return None
+                return None, sources
             names.update(dict.fromkeys((alias.name for alias in statement.names), None))
         elif (submodule := _lazy_submodule(statement)) and _is_submodule(package_dir, submodule):
             names[submodule] = None
         else:
-            return None
-    return names
+            return None, sources
+    return names, sources
 
 
 def _is_header(statement: ast.stmt) -> bool:
@@ -196,7 +206,8 @@ class _ServicePackage(types.ModuleType):
 
 class _ServiceLoader(importlib.abc.Loader):
     """Reads the package's ``__init__.py`` when the package is first used (the SDKs create some 250 service
-    packages lazily at import, and use a handful), and runs it as written unless it is only imports."""
+    packages lazily at import, and use a handful), and runs it as written unless it is only imports. What it
+    reads is cached like the modules' code (``cached``)."""
 
     def __init__(self, loader: importlib.abc.Loader, package_dir: Path):
         self.loader, self.package_dir = loader, package_dir
@@ -205,7 +216,10 @@ class _ServiceLoader(importlib.abc.Loader):
         return None  # the default module
 
     def exec_module(self, module: types.ModuleType) -> None:
-        names = exports(self.package_dir)
+        # Reading the headers of the 183 modules of pulumi_aws.ec2 takes longer than loading the few it uses.
+        init = str(self.package_dir / "__init__.py")
+        names = cached(importlib.util.cache_from_source(init, optimization=f"{CACHE_TAG}exports"),
+                       lambda: _index(self.package_dir))
         if names is None:
             self.loader.exec_module(module)
             return
@@ -216,8 +230,6 @@ class _ServiceLoader(importlib.abc.Loader):
 # --------------------------------------------------------------------------------------------------
 # Annotations as text
 
-# Part of the cache file's name: a change to what the compiled code is made of must change it.
-CACHE_TAG = "plan1"
 _ANNOTATIONS_AS_TEXT = __future__.annotations.compiler_flag
 
 
@@ -239,12 +251,36 @@ def _names_typed_dict(base: ast.expr) -> bool:
         isinstance(base, ast.Attribute) and base.attr == "TypedDict")
 
 
-def _cache_header(source_path: str) -> bytes:
-    """What Python's own .pyc header holds (PEP 552, timestamp-based): magic number, flags, source mtime, size."""
-    stat = os.stat(source_path)
-    return b"".join((importlib.util.MAGIC_NUMBER, (0).to_bytes(4, "little"),
-                     (int(stat.st_mtime) & 0xFFFFFFFF).to_bytes(4, "little"),
-                     (stat.st_size & 0xFFFFFFFF).to_bytes(4, "little")))
+def cached(cache_path: str, build: Callable[[], tuple[Any, list[str]]]) -> Any:
+    """``build()``'s value (anything ``marshal`` writes: code, dicts, lists), kept in ``cache_path`` with the
+    modification time and size of each source file ``build`` read, as Python keeps a module's bytecode with its
+    source's (PEP 552); built again when any of them changed, the file is missing or unreadable, or another
+    Python wrote it."""
+    try:
+        with open(cache_path, "rb") as stream:
+            magic, stamps, value = marshal.loads(stream.read())  # marshal.load would read it piece by piece
+        if magic == importlib.util.MAGIC_NUMBER and all(_stamp(path) == stamp for path, stamp in stamps.items()):
+            return value
+    except (OSError, EOFError, ValueError, TypeError):
+        pass
+    value, sources = build()
+    temporary = f"{cache_path}.{os.getpid()}.tmp"
+    try:
+        os.makedirs(os.path.dirname(cache_path), exist_ok=True)
+        with open(temporary, "wb") as stream:
+            stream.write(marshal.dumps((importlib.util.MAGIC_NUMBER, {path: _stamp(path) for path in sources}, value)))
+        os.replace(temporary, cache_path)  # whole or not at all, should two plans run at once
+    except OSError:
+        pass  # a read-only install: built on every run, still correct
+    return value
+
+
+def _stamp(path: str) -> tuple[int, int] | None:
+    try:
+        stat = os.stat(path)
+    except OSError:
+        return None
+    return stat.st_mtime_ns, stat.st_size
 
 
 class _AnnotationsAsTextLoader(importlib.machinery.SourceFileLoader):
@@ -252,25 +288,8 @@ class _AnnotationsAsTextLoader(importlib.machinery.SourceFileLoader):
 
     def get_code(self, fullname: str) -> types.CodeType:
         source_path = self.get_filename(fullname)
-        cache_path = importlib.util.cache_from_source(source_path, optimization=CACHE_TAG)
-        header = _cache_header(source_path)
-        try:
-            with open(cache_path, "rb") as stream:
-                cached = stream.read()
-            if cached[:len(header)] == header:
-                return marshal.loads(cached[len(header):])
-        except (OSError, EOFError, ValueError, TypeError):
-            pass  # absent, unreadable or stale: compiled again below
-        code = compile_module(self.get_data(source_path), source_path)
-        temporary = f"{cache_path}.{os.getpid()}.tmp"
-        try:
-            os.makedirs(os.path.dirname(cache_path), exist_ok=True)
-            with open(temporary, "wb") as stream:
-                stream.write(header + marshal.dumps(code))
-            os.replace(temporary, cache_path)  # whole or not at all, should two plans run at once
-        except OSError:
-            pass  # a read-only install: compiled on every run, still correct
-        return code
+        return cached(importlib.util.cache_from_source(source_path, optimization=CACHE_TAG),
+                      lambda: (compile_module(self.get_data(source_path), source_path), [source_path]))
 
 
 class _SdkFinder(importlib.abc.MetaPathFinder):
