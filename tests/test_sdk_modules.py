@@ -225,3 +225,19 @@ def test_the_runtime_reads_the_same_types_from_a_module_compiled_for_the_plan():
     as_written, for_the_plan = types_in("as-written"), types_in("plan")
     assert len(as_written) > 1000
     assert [name for name in as_written if as_written[name] != for_the_plan.get(name)] == []
+
+
+def test_a_cache_that_cannot_be_written_still_gives_the_value(tmp_path, monkeypatch):
+    """A read-only install: built on every run, the same value."""
+    def refuse(*args):
+        raise PermissionError("read-only")
+
+    monkeypatch.setattr(sdk_modules.os, "replace", refuse)
+    source = tmp_path / "module.py"
+    source.write_text("X = 1\n")
+    builds: list[int] = []
+    build = lambda: (builds.append(1) or {"X": 1}, [str(source)])  # noqa: E731
+    cache = str(tmp_path / "__pycache__" / "module.opt.pyc")
+    assert sdk_modules.cached(cache, build) == {"X": 1} and sdk_modules.cached(cache, build) == {"X": 1}
+    assert len(builds) == 2 and not (tmp_path / "__pycache__" / "module.opt.pyc").exists()
+    assert not list((tmp_path / "__pycache__").glob("*.tmp"))

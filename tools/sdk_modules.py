@@ -42,6 +42,7 @@ from __future__ import annotations
 import __future__
 
 import ast
+import contextlib
 import importlib
 import importlib.abc
 import importlib.machinery
@@ -272,8 +273,9 @@ def cached(cache_path: str, build: Callable[[], tuple[Any, list[str]]]) -> Any:
         with open(temporary, "wb") as stream:
             stream.write(marshal.dumps((importlib.util.MAGIC_NUMBER, {path: _stamp(path) for path in sources}, value)))
         os.replace(temporary, cache_path)  # whole or not at all, should two plans run at once
-    except OSError:
-        pass  # a read-only install: built on every run, still correct
+    except OSError:  # a read-only install: built on every run, still correct
+        with contextlib.suppress(OSError):
+            os.remove(temporary)
     return value
 
 

@@ -16,6 +16,7 @@ runs, so a value AWS would compute (an id, an ARN, a DNS name) is written as ``<
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import gc
 import hashlib
@@ -112,13 +113,14 @@ def rendered_vendored(relative_path: str) -> list[tuple[dict[str, Any], str]]:
     except (OSError, ValueError):
         pass
     rendered = [(_manifest_head(obj), dump_yaml(obj)) for obj in _vendored_documents(relative_path)]
+    temporary = cache.with_name(f"{cache.name}.{os.getpid()}.tmp")
     try:
         cache.parent.mkdir(parents=True, exist_ok=True)
-        temporary = cache.with_name(f"{cache.name}.{os.getpid()}.tmp")
         temporary.write_text(json.dumps(rendered), encoding="utf-8")
         temporary.replace(cache)  # whole or not at all, should two plans run at once
-    except OSError:
-        pass  # a read-only checkout: rendered on every run, still correct
+    except OSError:  # a read-only checkout: rendered on every run, still correct
+        with contextlib.suppress(OSError):
+            temporary.unlink()
     return rendered
 
 
