@@ -21,6 +21,7 @@ import copy
 import gc
 import hashlib
 import importlib
+import importlib.util
 import json
 import os
 import re
@@ -165,15 +166,20 @@ def read_stack_config(stack: str) -> tuple[dict[str, str], list[str]]:
 
 @lru_cache(maxsize=None)
 def _type_registry() -> dict[str, tuple[str, str]]:
-    """Type token -> (python module, class name), from each provider SDK's own registration table."""
+    """Type token -> (python module, class name), from each provider SDK's own registration table (cached with
+    the SDKs' compiled modules: pulumi_aws's table alone is 350 kB of JSON)."""
     registry: dict[str, tuple[str, str]] = {}
     for package in ("pulumi_aws", "pulumi_eks", "pulumi_kubernetes"):
-        source = Path(importlib.import_module(package).__file__).read_text()
-        match = re.search(r'resource_modules="""(.*?)"""', source, re.S)
-        for module in json.loads(match.group(1)):
-            for token, cls in module["classes"].items():
-                registry[token] = (module["fqn"], cls)
+        init = importlib.import_module(package).__file__
+        registry.update(sdk_modules.cached(
+            importlib.util.cache_from_source(init, optimization=f"{sdk_modules.CACHE_TAG}types"),
+            lambda init=init: (_registered_types(Path(init)), [init])))
     return registry
+
+
+def _registered_types(init: Path) -> dict[str, tuple[str, str]]:
+    match = re.search(r'resource_modules="""(.*?)"""', init.read_text(), re.S)
+    return {token: (module["fqn"], cls) for module in json.loads(match.group(1)) for token, cls in module["classes"].items()}
 
 
 @lru_cache(maxsize=None)
