@@ -43,7 +43,8 @@ def test_a_module_without_all_exports_the_public_names_of_its_top_level(tmp_path
     module = ('"""Doc."""\nimport json\nimport pulumi.runtime\nfrom typing import Any, Optional as Opt\n'
               'from .x import _private, shared\n\nclass Chart: ...\n\ndef _parse(): ...\n\nVERSION = "1"\n')
     package = write_package(tmp_path, "from .a import *\n", {"a": module})
-    assert sdk_modules.exports(package) == dict.fromkeys(["json", "pulumi", "Any", "Opt", "shared", "Chart", "VERSION"], "a")
+    public = ["json", "pulumi", "Any", "Opt", "shared", "Chart", "VERSION"]
+    assert sdk_modules.exports(package) == dict.fromkeys(public, "a")
 
 
 def test_an_api_group_binds_its_lazily_imported_versions(tmp_path):
@@ -169,7 +170,8 @@ def test_the_compiled_code_is_cached_and_compiled_again_when_the_source_changes(
     source.write_text(TYPED)
     compiled: list[str] = []
     real_compile = sdk_modules.compile_module
-    monkeypatch.setattr(sdk_modules, "compile_module", lambda data, path: compiled.append(path) or real_compile(data, path))
+    monkeypatch.setattr(sdk_modules, "compile_module",
+                        lambda data, path: compiled.append(path) or real_compile(data, path))
 
     def load() -> dict:
         loader = sdk_modules._AnnotationsAsTextLoader("typed", str(source))

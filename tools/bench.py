@@ -115,7 +115,8 @@ def report_plan_speed() -> None:
     sdk, plan = timing["sdk_import"], timing["plan"]
     print(f"\n{sdk['wall'] * 1000:9.1f} ms  import the SDKs ({SDK_IMPORT}), median of {PLAN_RUNS} "
           f"(CPU {sdk['cpu'] * 1000:.0f} ms)")
-    print(f"{plan['wall'] * 1000:9.1f} ms  make plan STACK={PLAN_STACK}, median of {PLAN_RUNS} (CPU {plan['cpu'] * 1000:.0f} ms)")
+    print(f"{plan['wall'] * 1000:9.1f} ms  make plan STACK={PLAN_STACK}, median of {PLAN_RUNS} "
+          f"(CPU {plan['cpu'] * 1000:.0f} ms)")
     ratio = plan["wall"] / sdk["wall"]
     verdict = "within" if ratio <= PLAN_TARGET_RATIO else "OVER"
     print(f"plan: {ratio:.1f} x the SDK import, {verdict} the {PLAN_TARGET_RATIO:.1f} x target "

@@ -34,7 +34,8 @@ with the helm and yaml packages loaded lazily too); the ``TypedDict`` part alone
 The compiled code of each module, and the index of each service package, are cached next to the SDK's own
 bytecode, as ``<module>.cpython-311.opt-<tag>.pyc`` (``importlib.util.cache_from_source``), checked against the
 modification time and size of the sources they were made from, as Python checks its own; they are written even
-under ``PYTHONDONTWRITEBYTECODE``, since without them every plan would parse and compile the SDKs again (a plan took some 5 s that way).
+under ``PYTHONDONTWRITEBYTECODE``, since without them every plan would parse and compile the SDKs again (a plan
+took some 5 s that way).
 """
 
 from __future__ import annotations
@@ -49,7 +50,6 @@ import importlib.machinery
 import importlib.util
 import marshal
 import os
-import re
 import sys
 import types
 from pathlib import Path

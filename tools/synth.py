@@ -179,7 +179,8 @@ def _type_registry() -> dict[str, tuple[str, str]]:
 
 def _registered_types(init: Path) -> dict[str, tuple[str, str]]:
     match = re.search(r'resource_modules="""(.*?)"""', init.read_text(), re.S)
-    return {token: (module["fqn"], cls) for module in json.loads(match.group(1)) for token, cls in module["classes"].items()}
+    return {token: (module["fqn"], cls)
+            for module in json.loads(match.group(1)) for token, cls in module["classes"].items()}
 
 
 @lru_cache(maxsize=None)
