@@ -267,16 +267,23 @@ def cached(cache_path: str, build: Callable[[], tuple[Any, list[str]]]) -> Any:
     except (OSError, EOFError, ValueError, TypeError):
         pass
     value, sources = build()
+    stamps = {path: _stamp(path) for path in sources}
+    write_cache(cache_path, marshal.dumps((importlib.util.MAGIC_NUMBER, stamps, value)))
+    return value
+
+
+def write_cache(cache_path: str | os.PathLike, data: bytes) -> None:
+    """Write a cache file whole or not at all, should two plans run at once; where it cannot be written (a
+    read-only install or checkout), leave nothing behind: the value is built on every run, still correct."""
     temporary = f"{cache_path}.{os.getpid()}.tmp"
     try:
         os.makedirs(os.path.dirname(cache_path), exist_ok=True)
         with open(temporary, "wb") as stream:
-            stream.write(marshal.dumps((importlib.util.MAGIC_NUMBER, {path: _stamp(path) for path in sources}, value)))
-        os.replace(temporary, cache_path)  # whole or not at all, should two plans run at once
-    except OSError:  # a read-only install: built on every run, still correct
+            stream.write(data)
+        os.replace(temporary, cache_path)
+    except OSError:
         with contextlib.suppress(OSError):
             os.remove(temporary)
-    return value
 
 
 def _stamp(path: str) -> tuple[int, int] | None:

@@ -16,14 +16,12 @@ runs, so a value AWS would compute (an id, an ARN, a DNS name) is written as ``<
 from __future__ import annotations
 
 import argparse
-import contextlib
 import copy
 import gc
 import hashlib
 import importlib
 import importlib.util
 import json
-import os
 import re
 import shutil
 import sys
@@ -114,14 +112,7 @@ def rendered_vendored(relative_path: str) -> list[tuple[dict[str, Any], str]]:
     except (OSError, ValueError):
         pass
     rendered = [(_manifest_head(obj), dump_yaml(obj)) for obj in _vendored_documents(relative_path)]
-    temporary = cache.with_name(f"{cache.name}.{os.getpid()}.tmp")
-    try:
-        cache.parent.mkdir(parents=True, exist_ok=True)
-        temporary.write_text(json.dumps(rendered), encoding="utf-8")
-        temporary.replace(cache)  # whole or not at all, should two plans run at once
-    except OSError:  # a read-only checkout: rendered on every run, still correct
-        with contextlib.suppress(OSError):
-            temporary.unlink()
+    sdk_modules.write_cache(cache, json.dumps(rendered).encode("utf-8"))
     return rendered
 
 
